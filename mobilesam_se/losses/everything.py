@@ -1,0 +1,113 @@
+"""The segment-everything training loss for one image (and a mean over a batch of images)."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mobilesam_se.losses.mask import dice_loss, iou_confidence_bce, iou_mse, sigmoid_bce, sigmoid_focal
+from mobilesam_se.matching import MatchResult, match_candidates
+
+TERMS = ("bce", "focal", "dice", "iou", "cls")
+IOU_TARGETS = ("assigned", "best")
+
+
+class EverythingLoss(nn.Module):
+    """Hungarian-matched mask losses plus IoU-head losses over all P*M candidates of an image.
+
+    - bce / focal / dice: on foreground (candidate, gt) pairs only, each averaged over the
+      foreground candidates; zero (with a gradient path) when there are none.
+    - iou: MSE of the IoU head against the measured IoU of every candidate. With
+      iou_target="assigned" an assigned candidate's target is its IoU with its assigned gt and an
+      unassigned one's is its best IoU over all gt, so the head learns an honest quality estimate
+      for every candidate, not "0 because another candidate won the object" (which would teach it
+      to score good duplicates low, whereas the AMG's NMS is what removes duplicates).
+      iou_target="best" uses the best IoU for every candidate.
+    - cls: `iou_confidence_bce` of every candidate's predicted IoU against its foreground label.
+    loss = sum of w_term * term, and the dict's terms are exactly those summed.
+    """
+
+    def __init__(
+        self,
+        w_bce: float = 1.0,
+        w_focal: float = 15.0,
+        w_dice: float = 1.0,
+        w_iou: float = 1.0,
+        w_cls: float = 1.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        fg_iou: float = 0.5,
+        point_credit: float = 0.0,
+        point_fg: bool = False,
+        iou_target: str = "assigned",
+    ) -> None:
+        super().__init__()
+        if iou_target not in IOU_TARGETS:
+            raise ValueError(f"iou_target must be one of {IOU_TARGETS}, got {iou_target!r}")
+        self.weights = {"bce": w_bce, "focal": w_focal, "dice": w_dice, "iou": w_iou, "cls": w_cls}
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.fg_iou = fg_iou
+        self.point_credit = point_credit
+        self.point_fg = point_fg
+        self.iou_target = iou_target
+
+    def forward(
+        self,
+        logits: Tensor,
+        pred_iou: Tensor,
+        gt_lowres: Tensor,
+        points_lowres: Tensor | None = None,
+    ) -> Dict[str, Any]:
+        """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None."""
+        p, m, h, w = logits.shape
+        match = match_candidates(logits, gt_lowres, points_lowres, self.fg_iou, self.point_credit, self.point_fg)
+        flat_logits = logits.reshape(p * m, h, w)
+        flat_iou = pred_iou.reshape(p * m)
+
+        fg_logits = flat_logits[match.fg_pred_idx]
+        fg_targets = gt_lowres.to(logits.device)[match.fg_gt_idx].float()
+        terms = {
+            "bce": sigmoid_bce(fg_logits, fg_targets),
+            "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
+            "dice": dice_loss(fg_logits, fg_targets),
+            "iou": iou_mse(flat_iou, self._iou_target(match)),
+            "cls": iou_confidence_bce(flat_iou, match.fg.float()),
+        }
+        out: Dict[str, Any] = {"loss": self._weighted_sum(terms), **terms}
+        out["num_fg"] = float(match.num_fg)
+        out["num_gt"] = float(gt_lowres.shape[0])
+        out["mean_matched_iou"] = float(match.iou.mean()) if match.iou.numel() else 0.0
+        out["match"] = match
+        return out
+
+    def _iou_target(self, match: MatchResult) -> Tensor:
+        if self.iou_target == "best":
+            return match.best_iou
+        assigned = torch.zeros_like(match.fg)
+        assigned[match.pred_idx] = True
+        return torch.where(assigned, match.true_iou, match.best_iou)
+
+    def _weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
+        return sum(self.weights[name] * terms[name] for name in TERMS)
+
+    def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> Dict[str, Any]:
+        """Mean of the per-image losses over a batch.
+
+        Each item is (logits, pred_iou, gt_lowres, points_lowres) or a dict with those keys.
+        Every image weighs the same, including ones without foreground (their mask terms are 0);
+        since the mean is linear, loss == sum of w * (batch-mean term) still holds.
+        num_fg / num_gt are totals; mean_matched_iou is over all assigned pairs of the batch.
+        """
+        if len(images) == 0:
+            raise ValueError("batch_forward needs at least one image")
+        per_image = [self(**item) if isinstance(item, Mapping) else self(*item) for item in images]
+        n = len(per_image)
+        out: Dict[str, Any] = {name: sum(r[name] for r in per_image) / n for name in ("loss",) + TERMS}
+        out["num_fg"] = sum(r["num_fg"] for r in per_image)
+        out["num_gt"] = sum(r["num_gt"] for r in per_image)
+        pair_ious = torch.cat([r["match"].iou.float().cpu() for r in per_image])
+        out["mean_matched_iou"] = float(pair_ious.mean()) if pair_ious.numel() else 0.0
+        out["matches"] = [r["match"] for r in per_image]
+        return out

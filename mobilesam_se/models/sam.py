@@ -1,0 +1,175 @@
+"""The promptable segmenter: image encoder + prompt encoder + mask decoder, with grid prediction."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from mobilesam_se.models.mask_decoder import DecoderOutput, MaskDecoder
+from mobilesam_se.models.prompt_encoder import PromptEncoder
+from mobilesam_se.transforms import preprocess_image
+
+Tensor = torch.Tensor
+
+
+def _cat_outputs(chunks: List[DecoderOutput]) -> DecoderOutput:
+    if len(chunks) == 1:
+        return chunks[0]
+
+    def cat(name: str) -> Optional[Tensor]:
+        vals = [getattr(c, name) for c in chunks]
+        return None if vals[0] is None else torch.cat(vals, dim=1)
+
+    attention = {}
+    for key in chunks[0].attention:
+        attention[key] = [torch.cat([c.attention[key][i] for c in chunks], dim=1) for i in range(len(chunks[0].attention[key]))]
+    return DecoderOutput(
+        masks=cat("masks"), iou_pred=cat("iou_pred"), tokens=cat("tokens"),
+        mask_token_out=cat("mask_token_out"), attention=attention,
+    )
+
+
+class SamModel(nn.Module):
+    """MobileSAM (or a SAM teacher) with `image_size` as a real parameter.
+
+    `image_size` S sets the input (S x S after resize + pad), the embedding grid (S/16) and the
+    low-res masks (S/4).
+    """
+
+    def __init__(
+        self,
+        image_encoder: nn.Module,
+        prompt_encoder: PromptEncoder,
+        mask_decoder: MaskDecoder,
+        image_size: int = 1024,
+    ) -> None:
+        super().__init__()
+        if image_size % 16:
+            raise ValueError(f"model.image_size must be a multiple of 16, got {image_size}")
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.image_size = image_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_encoder.point_embeddings[0].weight.device
+
+    @property
+    def low_res_size(self) -> int:
+        return self.image_size // 4
+
+    # -- images ------------------------------------------------------------------------------
+    def preprocess(self, images: Sequence[np.ndarray]) -> Tensor:
+        """HxWx3 uint8 RGB images -> (B, 3, S, S) normalised, padded model input on the model's device."""
+        return torch.stack([preprocess_image(im, self.image_size) for im in images]).to(self.device)
+
+    def encode(self, pixels: Tensor) -> Tensor:
+        """(B, 3, S, S) -> image embeddings (B, C, S/16, S/16)."""
+        if pixels.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(f"expected input {self.image_size}x{self.image_size}, got {tuple(pixels.shape[-2:])}")
+        return self.image_encoder(pixels)
+
+    # -- prompts -----------------------------------------------------------------------------
+    def _decode_chunk(
+        self,
+        embeddings: Tensor,
+        coords: Optional[Tensor],
+        labels: Optional[Tensor],
+        boxes: Optional[Tensor],
+        mask_input: Optional[Tensor],
+        multimask_output: bool,
+        return_features: bool,
+        record_attention: bool,
+    ) -> DecoderOutput:
+        points = (coords, labels) if coords is not None else None
+        sparse, dense = self.prompt_encoder(points, boxes, mask_input)
+        return self.mask_decoder(
+            embeddings,
+            self.prompt_encoder.get_dense_pe(),
+            sparse,
+            dense,
+            multimask_output,
+            return_features=return_features,
+            record_attention=record_attention,
+        )
+
+    def decode(
+        self,
+        embeddings: Tensor,
+        coords: Optional[Tensor] = None,
+        labels: Optional[Tensor] = None,
+        boxes: Optional[Tensor] = None,
+        mask_input: Optional[Tensor] = None,
+        multimask_output: bool = True,
+        points_per_batch: Optional[int] = None,
+        activation_checkpointing: bool = False,
+        return_features: bool = False,
+        record_attention: bool = False,
+    ) -> DecoderOutput:
+        """Decode P prompts per image, `points_per_batch` prompts at a time.
+
+        embeddings (B, C, h, w); coords (B, P, K, 2) xy in the resized frame; labels (B, P, K)
+        (1 positive, 0 negative, -1 padding); boxes (B, P, 4) XYXY; mask_input (B, 1, 4h, 4w).
+        Each image's embedding meets only its own prompts. Differentiable; with
+        `activation_checkpointing` each chunk's activations are recomputed in backward.
+        """
+        lead = coords if coords is not None else boxes
+        if lead is None:
+            raise ValueError("decode needs point coords or boxes")
+        P = lead.shape[1]
+        step = P if not points_per_batch or points_per_batch <= 0 else points_per_batch
+        outs = []
+        for s in range(0, P, step):
+            sl = slice(s, s + step)
+            args = (
+                embeddings,
+                None if coords is None else coords[:, sl],
+                None if labels is None else labels[:, sl],
+                None if boxes is None else boxes[:, sl],
+                mask_input,
+            )
+            if activation_checkpointing and torch.is_grad_enabled():
+                outs.append(
+                    checkpoint(
+                        self._decode_chunk, *args, multimask_output, return_features, record_attention,
+                        use_reentrant=False,
+                    )
+                )
+            else:
+                outs.append(self._decode_chunk(*args, multimask_output, return_features, record_attention))
+        return _cat_outputs(outs)
+
+    def predict_grid(
+        self,
+        embeddings: Tensor,
+        points: Tensor,
+        multimask_output: bool = True,
+        points_per_batch: Optional[int] = 64,
+        activation_checkpointing: bool = False,
+        return_features: bool = False,
+        record_attention: bool = False,
+    ) -> DecoderOutput:
+        """Everything mode: every point of (B, P, 2) is its own single-point positive prompt.
+
+        Returns logits (B, P, M, S/4, S/4) and predicted IoUs (B, P, M); M = 3 with multimask
+        (tokens 1-3), 1 without (token 0).
+        """
+        if points.dim() != 3 or points.shape[-1] != 2:
+            raise ValueError(f"points must be (B, P, 2), got {tuple(points.shape)}")
+        coords = points.unsqueeze(2)  # one point per prompt, never one prompt of many points
+        labels = torch.ones(coords.shape[:3], dtype=torch.long, device=points.device)
+        return self.decode(
+            embeddings, coords, labels, multimask_output=multimask_output, points_per_batch=points_per_batch,
+            activation_checkpointing=activation_checkpointing, return_features=return_features,
+            record_attention=record_attention,
+        )
+
+    def forward(self, pixels: Tensor, points: Tensor, multimask_output: bool = True,
+                points_per_batch: Optional[int] = 64) -> Tuple[Tensor, Tensor]:
+        """Encode images and decode a grid: returns (low-res logits, predicted IoUs)."""
+        out = self.predict_grid(self.encode(pixels), points, multimask_output, points_per_batch)
+        return out.masks, out.iou_pred
