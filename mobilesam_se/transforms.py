@@ -51,7 +51,7 @@ def resize_image(image: np.ndarray, target: int) -> np.ndarray:
 
     h, w = image.shape[:2]
     new_h, new_w = preprocess_shape(h, w, target)
-    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
 
 
 def normalize_and_pad(pixels: torch.Tensor, target: int) -> torch.Tensor:
