@@ -161,7 +161,7 @@ class MaskDataset(Dataset, Generic[R]):
     def _make_sample(self, record: R, image: np.ndarray, masks: np.ndarray) -> Sample:
         h, w = image.shape[:2]
         assert masks.ndim == 3 and masks.shape[1:] == (h, w), "a subclass returned masks of the wrong size"
-        keep = largest_indices(masks.reshape(masks.shape[0], -1).sum(axis=1), self.max_masks_per_image)
+        keep = largest_indices(masks.sum(axis=(1, 2)), self.max_masks_per_image)
         if len(keep) < masks.shape[0]:
             masks = masks[keep]
         input_hw = preprocess_shape(h, w, self.image_size)

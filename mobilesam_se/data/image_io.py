@@ -40,10 +40,14 @@ def _open(path: Path, what: str) -> Image.Image:
 
 
 def _exif_transpose(im: Image.Image) -> Image.Image:
-    # Broken EXIF blocks make Pillow warn; the pixels are still fine, so keep loading quiet.
+    # Broken EXIF blocks make Pillow warn or fail; the pixels are still fine, so an unreadable
+    # orientation means "as stored" rather than a lost image.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return ImageOps.exif_transpose(im)
+        try:
+            return ImageOps.exif_transpose(im)
+        except (ValueError, OSError, SyntaxError, KeyError, TypeError):
+            return im
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

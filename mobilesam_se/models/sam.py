@@ -168,8 +168,27 @@ class SamModel(nn.Module):
             record_attention=record_attention,
         )
 
-    def forward(self, pixels: Tensor, points: Tensor, multimask_output: bool = True,
-                points_per_batch: Optional[int] = 64) -> Tuple[Tensor, Tensor]:
-        """Encode images and decode a grid: returns (low-res logits, predicted IoUs)."""
-        out = self.predict_grid(self.encode(pixels), points, multimask_output, points_per_batch)
-        return out.masks, out.iou_pred
+    def forward(
+        self,
+        pixels: Tensor,
+        points: Tensor,
+        multimask_output: bool = True,
+        points_per_batch: Optional[int] = 64,
+        activation_checkpointing: bool = False,
+        return_features: bool = False,
+        record_attention: bool = False,
+    ) -> dict:
+        """Encode images and decode their grids in one call (the unit DDP wraps).
+
+        Returns a dict: `embeddings` (B, C, h, w), `masks` (B, P, M, S/4, S/4), `iou_pred` (B, P, M),
+        and with `return_features` the decoder's `tokens` / `mask_token_out` / `attention`.
+        """
+        embeddings = self.encode(pixels)
+        out = self.predict_grid(
+            embeddings, points, multimask_output, points_per_batch, activation_checkpointing,
+            return_features, record_attention,
+        )
+        result = {"embeddings": embeddings, "masks": out.masks, "iou_pred": out.iou_pred}
+        if return_features:
+            result.update(tokens=out.tokens, mask_token_out=out.mask_token_out, attention=out.attention)
+        return result

@@ -1,0 +1,174 @@
+"""Structured-config schemas: a mistyped key or a wrong type fails at compose time, in Hydra's words.
+
+`conf/config.yaml` puts `config_schema` first in its defaults, so every group's YAML is merged
+onto these dataclasses. Parts that `run.py` builds with `hydra.utils.instantiate` carry a
+`_target_`; open-ended sub-trees (dataset kwargs, teacher lists) are typed `Any`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mobilesam"
+    size: str = "full"  # full: MobileSAM's TinyViT-5M + SAM decoder; tiny: a small test model
+    image_size: int = 1024
+    checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt
+    multimask_output: bool = True  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)
+    points_per_batch: int = 64  # prompts decoded per chunk
+    activation_checkpointing: bool = False  # recompute each prompt chunk in backward
+    drop_path_rate: float = 0.0
+    net: Any = field(
+        default_factory=lambda: {
+            "_target_": "mobilesam_se.models.build.build_mobilesam",
+            "image_size": "${model.image_size}",
+            "size": "${model.size}",
+            "checkpoint": "${model.checkpoint}",
+            "drop_path_rate": "${model.drop_path_rate}",
+        }
+    )
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    mode: str = "everything"  # everything | single | mixed
+    grid_points: int = 32  # G: G x G single-point prompts per image
+    prompts_per_step: Optional[int] = None  # sub-sample the grid per step (None: all)
+    max_masks_per_image: Optional[int] = None
+    on_error: str = "raise"  # raise | skip
+    batch_size: int = 1
+    val_batch_size: int = 1
+    num_workers: int = 0
+    val_max_images: Optional[int] = None
+    # prompted (single / mixed) mode
+    prompt_mode: str = "mixed"  # box | point | mixed
+    max_bbox_shift: int = 20
+    min_points: int = 1
+    max_points: int = 3
+    negative_points: int = 0
+    objects_per_image: int = 16
+    mixed_weight: float = 1.0
+    train: Any = MISSING  # {_target_: ..., **dataset kwargs}
+    val: Any = None
+
+
+@dataclass
+class MatchingConfig:
+    fg_iou: float = 0.5
+    point_credit: float = 0.0  # added to the assignment score when the prompt lies in the object
+    point_fg: bool = False  # an assigned pair whose prompt lies in the object is foreground
+
+
+@dataclass
+class LossConfig:
+    _target_: str = "mobilesam_se.losses.everything.EverythingLoss"
+    w_bce: float = 1.0
+    w_focal: float = 15.0
+    w_dice: float = 1.0
+    w_iou: float = 1.0
+    w_cls: float = 1.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    iou_target: str = "assigned"
+    fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
+    point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
+    point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]
+
+
+@dataclass
+class FreezeConfig:
+    image_encoder: bool = False
+    prompt_encoder: bool = False
+    mask_decoder: bool = False
+    unfreeze_epoch: int = 0  # > 0: frozen parts join the optimizer at this epoch; 0: never
+    batchnorm_stats: bool = False  # keep BatchNorm running statistics fixed
+
+
+@dataclass
+class PlateauConfig:
+    enabled: bool = False
+    factor: float = 0.5
+    patience: int = 3
+    min: float = 0.0
+    max: float = 10.0
+    mode: str = "max"
+
+
+@dataclass
+class DistillationConfig:
+    name: str = "none"
+    enabled: bool = False
+    lambda_coef: float = 1.0
+    dynamic_lambda: PlateauConfig = field(default_factory=PlateauConfig)
+    teachers: List[Any] = field(default_factory=list)
+    terms: Any = field(default_factory=dict)
+    cache_dir: Optional[str] = None
+    mask_teacher: Any = field(default_factory=dict)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
+    time_limit_min: Optional[float] = None  # save and stop after this long
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    grad_clip: Optional[float] = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"
+    val_every: int = 1  # epochs
+    early_stop_patience: Optional[int] = None  # validations without improvement
+    monitor: str = "dice"
+    max_nonfinite: int = 10
+    log_every: int = 10
+    deterministic: bool = True
+    progress: bool = True
+
+
+@dataclass
+class VisualConfig:
+    save_every_n_epochs: int = 0  # 0: only when a new best score is reached
+    num_images: int = 2
+
+
+@dataclass
+class LoggerConfig:
+    _target_: str = "mobilesam_se.loggers.WandbLogger"
+    project: str = "mobilesam-se"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto: online when W&B is set up, else offline | online | offline | disabled
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    log_images: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    visual: VisualConfig = field(default_factory=VisualConfig)
+    logger: Optional[LoggerConfig] = None
+    seed: int = 0
+    task_name: str = "train"
+    output_dir: Optional[str] = None  # defaults to Hydra's run directory
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)

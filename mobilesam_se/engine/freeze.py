@@ -1,0 +1,58 @@
+"""Freezing parts of the model, and unfreezing them into the optimizer for real.
+
+An unfreeze that only flips `requires_grad` trains nothing: AdamW was built without those
+parameters. `unfreeze` adds them to the optimizer as new parameter groups (with the current
+learning-rate multiplier of the scheduler).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+from mobilesam_se.engine.optim import param_groups
+
+PARTS = ("image_encoder", "prompt_encoder", "mask_decoder")
+
+
+def freeze_parts(model: nn.Module, parts: Sequence[str]) -> List[str]:
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown model part {part!r}; choose from {PARTS}")
+        for p in getattr(model, part).parameters():
+            p.requires_grad_(False)
+    return list(parts)
+
+
+def unfreeze_parts(model: nn.Module, parts: Sequence[str], optimizer: torch.optim.Optimizer, weight_decay: float,
+                   scheduler=None) -> int:
+    """Make `parts` trainable and hand their parameters to `optimizer`. Returns how many tensors."""
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    named = []
+    for part in parts:
+        for name, p in getattr(model, part).named_parameters():
+            p.requires_grad_(True)
+            if id(p) not in in_opt:
+                named.append((f"{part}.{name}", p))
+    base_lr = optimizer.defaults["lr"]
+    for g in param_groups(named, weight_decay, tag="unfrozen_"):
+        g["lr"] = base_lr
+        g["initial_lr"] = base_lr
+        optimizer.add_param_group(g)
+        if scheduler is not None:
+            # LambdaLR keeps one lambda and base lr per group; extend them for the new group.
+            scheduler.base_lrs.append(base_lr)
+            scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
+            g["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+    return len(named)
+
+
+def freeze_batchnorm_stats(model: nn.Module) -> int:
+    """Put BatchNorm layers in eval mode so running statistics stay fixed (call after .train())."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            n += 1
+    return n

@@ -1,0 +1,49 @@
+"""AdamW with decay/no-decay groups, and a warm-up + cosine schedule stepped per optimizer step."""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, tag: str = "") -> List[dict]:
+    """Biases, norms, embeddings and TinyViT's attention biases get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or name.endswith(".bias") or "attention_biases" in name or "embed" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay, "name": f"{tag}decay"})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": f"{tag}no_decay"})
+    return groups
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    groups = param_groups(model.named_parameters(), weight_decay)
+    if not groups:
+        raise ValueError("nothing to train: every parameter is frozen (see the freeze.* options)")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over `warmup_steps`, then cosine to `min_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return 1.0
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_ratio)
+    )

@@ -1,0 +1,94 @@
+"""From a composed Hydra config to a ready Trainer: instantiate the parts, check the data, seed."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mobilesam_se.config import register_configs
+
+log = logging.getLogger(__name__)
+
+
+def register_resolvers() -> None:
+    """Schemas and resolvers, registered once per process before Hydra composes."""
+    register_configs()
+    if not OmegaConf.has_resolver("sweep_uid"):
+        # One token per launch, inherited by subprocesses: sweeps started in the same second differ.
+        def _uid() -> str:
+            return os.environ.setdefault("MOBILESAM_SE_SWEEP_UID", secrets.token_hex(3))
+
+        OmegaConf.register_new_resolver("sweep_uid", _uid, use_cache=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build_datasets(cfg: DictConfig):
+    from mobilesam_se.data.checks import check_dataset
+    from mobilesam_se.data.errors import DatasetError
+
+    train_set = instantiate(cfg.dataset.train)
+    val_set = instantiate(cfg.dataset.val) if cfg.dataset.val is not None else None
+    # Fail fast on a broken dataset, before the first step (dataset.on_error=skip drops and reports).
+    for name, ds in (("train", train_set), ("val", val_set)):
+        if ds is None:
+            continue
+        problems = check_dataset(ds)
+        if problems and cfg.dataset.on_error == "raise":
+            raise DatasetError(problems)
+        if problems:
+            log.warning("%s set: skipped %d bad sample(s); first: %s", name, len(problems), problems[0])
+    return train_set, val_set
+
+
+def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Callable[[], None]]:
+    """Instantiate model, loss, data, logger and (optional) distiller; return (trainer, cleanup)."""
+    from mobilesam_se.engine.distributed import cleanup, init_distributed
+    from mobilesam_se.engine.trainer import Trainer, resolve_device
+
+    device = resolve_device(cfg.trainer.device)
+    dist_info = init_distributed(device.type)
+    seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts
+    model = instantiate(cfg.model.net)
+    criterion = instantiate(cfg.loss)
+    train_set, val_set = build_datasets(cfg)
+    logger = instantiate(cfg.logger) if cfg.get("logger") is not None and dist_info.is_main else None
+    distiller = None
+    if cfg.distillation.get("enabled", False):
+        from mobilesam_se.distill import build_distiller
+
+        distiller = build_distiller(cfg, model_image_size=cfg.model.image_size)
+    extra_loss = None
+    if cfg.dataset.mode in ("single", "mixed"):
+        from mobilesam_se.prompted import build_prompted_loss
+
+        extra_loss = build_prompted_loss(cfg)
+    trainer = Trainer(cfg, model, criterion, train_set, val_set, out_dir or output_dir(cfg), logger=logger,
+                      distiller=distiller, dist_info=dist_info, extra_loss=extra_loss)
+
+    def _cleanup() -> None:
+        if logger is not None:
+            logger.finish()
+        cleanup(dist_info)
+
+    return trainer, _cleanup

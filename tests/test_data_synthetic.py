@@ -1,0 +1,82 @@
+"""Synthetic scenes: determinism, exact visible-part masks, caching, speed."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+
+from mobilesam_se.data import FolderDataset, SyntheticDataset, ensure_synthetic_dataset, generate_synthetic_dataset
+
+
+def tree_bytes(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_other_scenes(tmp_path):
+    a = tree_bytes(generate_synthetic_dataset(tmp_path / "a", 6, (48, 64), seed=7))
+    b = tree_bytes(generate_synthetic_dataset(tmp_path / "b", 6, (48, 64), seed=7))
+    c = tree_bytes(generate_synthetic_dataset(tmp_path / "c", 6, (48, 64), seed=8))
+    assert a == b
+    images = [k for k in a if k.startswith("image/")]
+    assert len(images) == 6
+    assert all(a[k] != c.get(k) for k in images)
+
+
+def test_masks_are_exact_visible_parts(tmp_path):
+    root = generate_synthetic_dataset(tmp_path / "d", 12, (64, 80), seed=3, min_visible_fraction=0.005)
+    ds = FolderDataset(root, image_size=64, keep_original=True)
+    sizes, counts = set(), []
+    for i in range(len(ds)):
+        sample = ds[i]
+        masks = sample.masks.numpy()
+        h, w = sample.orig_size
+        sizes.add((h, w))
+        assert h <= 64 and w <= 80
+        counts.append(len(masks))
+        # later objects occlude earlier ones: no pixel belongs to two masks
+        assert masks.sum(axis=0).max() <= 1
+        assert (masks.reshape(len(masks), -1).sum(axis=1) >= max(16, round(0.005 * h * w))).all()
+        # each visible part is painted in its own texture, so it differs from the background
+        # somewhere (the masks are not just labels drawn beside the image)
+        image = sample.image_uint8.astype(int)
+        background = ~masks.any(axis=0)
+        if background.any():
+            assert any(np.abs(image[m].mean(axis=0) - image[background].mean(axis=0)).max() > 1 for m in masks)
+    assert len(sizes) > 3  # aspect ratios vary
+    assert max(counts) >= 5 and min(counts) >= 1
+
+
+def test_ensure_generates_once_and_regenerates_on_change(tmp_path):
+    root = tmp_path / "cache" / "syn"
+    assert ensure_synthetic_dataset(root, 3, (32, 32), seed=1) == root
+    marker = root / "image" / "marker"
+    marker.write_text("kept while the parameters match")
+    ensure_synthetic_dataset(root, 3, (32, 32), seed=1)
+    assert marker.exists()
+    ensure_synthetic_dataset(root, 4, (32, 32), seed=1)
+    assert not marker.exists() and len(list((root / "image").iterdir())) == 4
+    assert sorted(p.name for p in root.parent.iterdir()) == ["syn"]  # no temp folders left
+
+
+def test_synthetic_dataset_splits_and_default_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path / "data"))
+    train = SyntheticDataset(num_images=3, image_hw=(32, 40), split="train", image_size=64)
+    val = SyntheticDataset(num_images=3, image_hw=(32, 40), split="val", image_size=64)
+    assert train.root.parent == tmp_path / "data" / "synthetic" and val.root.parent == train.root.parent
+    assert train.root != val.root
+    assert not np.array_equal(train[0].image.numpy(), val[0].image.numpy())
+    again = SyntheticDataset(num_images=3, image_hw=(32, 40), split="train", image_size=64)
+    assert again.root == train.root
+    with pytest.raises(ValueError, match="split"):
+        SyntheticDataset(root=tmp_path, num_images=1, split="test")
+
+
+def test_generation_is_fast(tmp_path):
+    start = time.perf_counter()
+    root = generate_synthetic_dataset(tmp_path / "fast", 64, (256, 256), seed=0)
+    elapsed = time.perf_counter() - start
+    assert len(list((root / "image").iterdir())) == 64
+    assert elapsed < 10, f"generating 64 images of 256x256 took {elapsed:.1f} s"
