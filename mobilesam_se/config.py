@@ -37,6 +37,13 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     name: str = MISSING
+    # where the data is (which keys matter depends on the dataset option)
+    root: Optional[str] = None
+    val_root: Optional[str] = None
+    image_dir: Optional[str] = None
+    annotation_file: Optional[str] = None
+    val_image_dir: Optional[str] = None
+    val_annotation_file: Optional[str] = None
     mode: str = "everything"  # everything | single | mixed
     grid_points: int = 32  # G: G x G single-point prompts per image
     prompts_per_step: Optional[int] = None  # sub-sample the grid per step (None: all)
@@ -46,14 +53,17 @@ class DatasetConfig:
     val_batch_size: int = 1
     num_workers: int = 0
     val_max_images: Optional[int] = None
-    # prompted (single / mixed) mode
-    prompt_mode: str = "mixed"  # box | point | mixed
-    max_bbox_shift: int = 20
-    min_points: int = 1
+    # prompted (single / mixed) mode, see docs/prompted.md
+    prompt_mode: str = "mixed"  # box | point | mixed (each object: box or points, 50/50)
+    max_bbox_shift: int = 20  # input-frame pixels each box side may move
+    min_points: int = 1  # positive points per point-prompted object: [min_points, max_points]
     max_points: int = 3
-    negative_points: int = 0
-    objects_per_image: int = 16
-    mixed_weight: float = 1.0
+    negative_points: int = 0  # negative points per point-prompted object
+    objects_per_image: int = 16  # objects prompted per image and step
+    mixed_weight: float = 1.0  # mixed mode: weight of the prompted loss added to the everything loss
+    prompted_w_focal: float = 20.0  # SAM's 20 : 1 focal : dice, also the best-of-3 selection score
+    prompted_w_dice: float = 1.0
+    prompted_w_iou: float = 1.0  # IoU-head MSE on all candidates
     train: Any = MISSING  # {_target_: ..., **dataset kwargs}
     val: Any = None
 
@@ -101,15 +111,91 @@ class PlateauConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """One frozen teacher (see `mobilesam_se.models.teachers`)."""
+
+    name: str = MISSING  # used in the logged keys: train/distill/<name>/<term>
+    model: str = MISSING  # sam_vit_h | sam_vit_l | sam_vit_b | mobilesam | tiny
+    checkpoint: Optional[str] = None  # required except for tiny (random, seeded)
+    weight: float = 1.0
+    seed: int = 0  # tiny only
+
+
+@dataclass
+class EncoderPatchTerm:
+    enable: bool = False
+    w_l2: float = 1.0
+    w_cos: float = 1.0
+
+
+@dataclass
+class PromptEmbedTerm:
+    enable: bool = False
+    w_mse: float = 1.0
+    w_cos: float = 0.0
+
+
+@dataclass
+class MaskTokenTerm:
+    enable: bool = False
+    w_kl: float = 1.0
+    temperature: float = 1.0
+
+
+@dataclass
+class DenseMaskTerm:
+    enable: bool = False
+    w_kl: float = 1.0
+    w_focal: float = 0.0
+    gamma: float = 2.0  # >= 1 (the focal factor |p_t - p_s|^gamma must be differentiable at 0)
+    candidates: str = "matched"  # matched: the Hungarian-assigned candidates | all: every candidate
+
+
+@dataclass
+class AttentionTerm:
+    enable: bool = False
+    weight: float = 1.0
+
+
+@dataclass
+class RkdTerm:
+    enable: bool = False
+    w_dist: float = 1.0
+    w_angle: float = 2.0
+    max_prompts: int = 64  # the angle relation is cubic in the prompts: sub-sample evenly
+
+
+@dataclass
+class DistillTermsConfig:
+    encoder_patch: EncoderPatchTerm = field(default_factory=EncoderPatchTerm)
+    prompt_embed: PromptEmbedTerm = field(default_factory=PromptEmbedTerm)
+    decoder_mask_token: MaskTokenTerm = field(default_factory=MaskTokenTerm)
+    dense_mask_logits: DenseMaskTerm = field(default_factory=DenseMaskTerm)
+    attention: AttentionTerm = field(default_factory=AttentionTerm)
+    rkd: RkdTerm = field(default_factory=RkdTerm)
+
+
+@dataclass
+class MaskTeacherConfig:
+    method: str = "none"  # none | replace_gt | dual_supervision
+    teacher: Optional[str] = None  # a teacher's name; None: the first teacher
+    iou_threshold: float = 0.5  # replace_gt: a teacher mask this close to a GT mask is replaced by it
+    pred_iou_thresh: float = 0.88  # keep teacher candidates whose predicted IoU reaches this
+    nms_iou: float = 0.7  # drop a candidate overlapping a better-scored kept one by more than this
+    weight: float = 1.0  # dual_supervision: weight of the soft loss toward the teacher masks
+
+
+@dataclass
 class DistillationConfig:
     name: str = "none"
     enabled: bool = False
     lambda_coef: float = 1.0
     dynamic_lambda: PlateauConfig = field(default_factory=PlateauConfig)
-    teachers: List[Any] = field(default_factory=list)
-    terms: Any = field(default_factory=dict)
-    cache_dir: Optional[str] = None
-    mask_teacher: Any = field(default_factory=dict)
+    teachers: List[TeacherConfig] = field(default_factory=list)
+    tiny_teacher: bool = False  # replace `teachers` by one random tiny teacher (CPU runs, tests)
+    terms: DistillTermsConfig = field(default_factory=DistillTermsConfig)
+    cache_dir: Optional[str] = None  # per-image teacher embeddings, fp16 (python -m mobilesam_se.distill.cache)
+    mask_teacher: MaskTeacherConfig = field(default_factory=MaskTeacherConfig)
 
 
 @dataclass
@@ -133,6 +219,7 @@ class TrainerConfig:
     log_every: int = 10
     deterministic: bool = True
     progress: bool = True
+    prompted_eval: bool = False  # also log val/prompted/* (always on when dataset.mode != everything)
 
 
 @dataclass

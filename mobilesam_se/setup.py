@@ -27,6 +27,9 @@ def register_resolvers() -> None:
             return os.environ.setdefault("MOBILESAM_SE_SWEEP_UID", secrets.token_hex(3))
 
         OmegaConf.register_new_resolver("sweep_uid", _uid, use_cache=True)
+    if not OmegaConf.has_resolver("repo_root"):
+        # The checkout's root, so configs can name files beside it whatever the working directory.
+        OmegaConf.register_new_resolver("repo_root", lambda: str(Path(__file__).resolve().parents[1]))
 
 
 def seed_everything(seed: int) -> None:

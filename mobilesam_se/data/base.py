@@ -118,13 +118,13 @@ class MaskDataset(Dataset, Generic[R]):
                 continue
             record = self._records[i]
             try:
-                image, masks = self._decode(record)
+                image, masks, *dropped = self._decode(record)
             except DatasetError as exc:
                 if self.on_error == "raise":
                     raise
                 self._mark_bad(i, exc.problems)
                 continue
-            return self._make_sample(record, image, masks)
+            return self._make_sample(record, image, masks, dropped[0] if dropped else None)
         raise DatasetError(Problem(self.source, "no readable image left; run `python -m mobilesam_se.data.validate`"))
 
     def validate(self, progress: bool = False) -> List[Problem]:
@@ -158,13 +158,19 @@ class MaskDataset(Dataset, Generic[R]):
             for p in problems:
                 logger.warning("skipping a bad sample: %s", p)
 
-    def _make_sample(self, record: R, image: np.ndarray, masks: np.ndarray) -> Sample:
+    def _make_sample(self, record: R, image: np.ndarray, masks: np.ndarray, dropped: Optional[np.ndarray] = None) -> Sample:
         h, w = image.shape[:2]
         assert masks.ndim == 3 and masks.shape[1:] == (h, w), "a subclass returned masks of the wrong size"
         keep = largest_indices(masks.sum(axis=(1, 2)), self.max_masks_per_image)
         if len(keep) < masks.shape[0]:
+            rest = np.setdiff1d(np.arange(masks.shape[0]), keep)
+            union = masks[rest].any(axis=0)
+            dropped = union if dropped is None else (dropped | union)
             masks = masks[keep]
         input_hw = preprocess_shape(h, w, self.image_size)
+        ignore = None
+        if dropped is not None and dropped.any():
+            ignore = torch.from_numpy(lowres_targets(dropped[None], input_hw, self.image_size)[0])
         return Sample(
             image_id=self._record_id(record),
             file_name=str(self._record_path(record)),
@@ -175,6 +181,7 @@ class MaskDataset(Dataset, Generic[R]):
             masks_lowres=torch.from_numpy(lowres_targets(masks, input_hw, self.image_size)),
             points=grid_points_for_model(self.grid_points, (h, w), self.image_size),
             image_uint8=image if self.keep_original else None,
+            ignore_lowres=ignore,
         )
 
 

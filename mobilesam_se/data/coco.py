@@ -5,7 +5,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -100,17 +100,17 @@ class CocoDataset(MaskDataset[CocoRecord]):
             records.append(CocoRecord(str(key), path, hw, tuple(per_image[key])))
         return records, problems
 
-    def _decode(self, record: CocoRecord) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, record: CocoRecord) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         problems: List[Problem] = []
         image = None
         try:
             image = load_image_rgb(record.image_path, expected_hw=record.hw)
         except DatasetError as exc:
             problems.extend(exc.problems)
-        masks, mask_problems = decode_segmentations(
+        masks, mask_problems, dropped = decode_segmentations(
             record.segmentations, record.hw, self.max_masks_per_image, self.annotation_file
         )
         problems += mask_problems
         if problems:
             raise DatasetError(problems)
-        return image, masks
+        return image, masks, dropped

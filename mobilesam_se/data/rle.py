@@ -61,8 +61,11 @@ def decode_segmentations(
     hw: Tuple[int, int],
     cap: Optional[int],
     where: Path,
-) -> Tuple[np.ndarray, List[Problem]]:
-    """[(label, segmentation)] -> ((K, H, W) bool masks of the `cap` largest, problems).
+) -> Tuple[np.ndarray, List[Problem], Optional[np.ndarray]]:
+    """[(label, segmentation)] -> ((K, H, W) bool masks of the `cap` largest, problems, dropped).
+
+    `dropped` is the union (H, W) of the objects the cap left out (None when none were), so the
+    loss can ignore candidates that segment them instead of pushing them to background.
 
     `label` names the annotation in messages; `where` is the file the annotations come from.
     Annotations that rasterise to nothing (degenerate polygons, which real COCO files contain)
@@ -77,7 +80,7 @@ def _decode_segmentations(
     hw: Tuple[int, int],
     cap: Optional[int],
     where: Path,
-) -> Tuple[np.ndarray, List[Problem]]:
+) -> Tuple[np.ndarray, List[Problem], Optional[np.ndarray]]:
     rles: List[dict] = []
     problems: List[Problem] = []
     for label, segmentation in segmentations:
@@ -86,7 +89,7 @@ def _decode_segmentations(
         except (ValueError, TypeError, KeyError, UnicodeEncodeError) as exc:
             problems.append(Problem(where, f"{label}: bad segmentation ({exc}); fix or remove the annotation"))
     if problems or not rles:
-        return np.zeros((0, *hw), dtype=bool), problems
+        return np.zeros((0, *hw), dtype=bool), problems, None
     try:
         areas = np.asarray(mask_utils.area(rles), dtype=np.int64)
         nonempty = np.flatnonzero(areas > 0)
@@ -94,8 +97,11 @@ def _decode_segmentations(
             logger.debug("%s: dropped %d empty annotation(s)", where, len(rles) - len(nonempty))
         keep = nonempty[largest_indices(areas[nonempty], cap)]
         if len(keep) == 0:
-            return np.zeros((0, *hw), dtype=bool), problems
+            return np.zeros((0, *hw), dtype=bool), problems, None
         decoded = mask_utils.decode([rles[i] for i in keep])  # (H, W, K), Fortran order
+        rest = sorted(set(nonempty.tolist()) - set(keep.tolist()))
+        # One merged RLE decodes the union of the capped-out objects in a single pass.
+        dropped = mask_utils.decode(mask_utils.merge([rles[i] for i in rest])).astype(bool) if rest else None
     except ValueError:  # pycocotools' "Invalid RLE mask representation"; find which ones
         bad = [label for (label, _), rle in zip(segmentations, rles) if not _decodes(rle)]
         return np.zeros((0, *hw), dtype=bool), [
@@ -103,8 +109,8 @@ def _decode_segmentations(
                 where, f"{label}: corrupt RLE (its counts do not add up to the mask size); fix or remove the annotation"
             )
             for label in bad or ["an annotation"]
-        ]
-    return np.ascontiguousarray(decoded.transpose(2, 0, 1), dtype=bool), problems
+        ], None
+    return np.ascontiguousarray(decoded.transpose(2, 0, 1), dtype=bool), problems, dropped
 
 
 def _decodes(rle: dict) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class SA1BDataset(MaskDataset[SA1BRecord]):
                 ))
         return records, problems
 
-    def _decode(self, record: SA1BRecord) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, record: SA1BRecord) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         data = read_json(record.json_path)
         info: Any = data.get("image") if isinstance(data, dict) else None
         if not isinstance(info, dict) or "height" not in info or "width" not in info:
@@ -88,8 +88,8 @@ class SA1BDataset(MaskDataset[SA1BRecord]):
         for i, ann in enumerate(data.get("annotations") or []):
             ann = ann if isinstance(ann, dict) else {}
             segmentations.append((f"annotation {ann.get('id', i)}", ann.get("segmentation")))
-        masks, mask_problems = decode_segmentations(segmentations, hw, self.max_masks_per_image, record.json_path)
+        masks, mask_problems, dropped = decode_segmentations(segmentations, hw, self.max_masks_per_image, record.json_path)
         problems += mask_problems
         if problems:
             raise DatasetError(problems)
-        return image, masks
+        return image, masks, dropped

@@ -19,6 +19,8 @@ class Sample:
       lies in the top-left (h'/4, w'/4) region, the padding is False.
     - points: (G*G, 2) float32 AMG grid prompts in the resized (model input) frame.
     - image_uint8: the original (H, W, 3) RGB image, only with `keep_original=True`.
+    - ignore_lowres: (S/4, S/4) bool union of the objects `max_masks_per_image` left out, or None:
+      candidates that segment those objects are neither foreground nor background.
     """
 
     image_id: str
@@ -30,6 +32,7 @@ class Sample:
     masks_lowres: torch.Tensor
     points: torch.Tensor
     image_uint8: Optional[np.ndarray] = None
+    ignore_lowres: Optional[torch.Tensor] = None
 
     @property
     def num_masks(self) -> int:
@@ -38,7 +41,7 @@ class Sample:
 
 # Fields whose size is the same for every image of a batch; the rest stay per-image lists.
 _STACKED = ("image", "points")
-_LISTED = ("image_id", "file_name", "orig_size", "input_size", "masks", "masks_lowres", "image_uint8")
+_LISTED = ("image_id", "file_name", "orig_size", "input_size", "masks", "masks_lowres", "image_uint8", "ignore_lowres")
 
 
 def collate_samples(samples: Sequence[Sample]) -> Dict[str, Any]:

@@ -30,6 +30,11 @@ def _visible_targets(masks_lowres: torch.Tensor, device: torch.device) -> torch.
     return masks_lowres[masks_lowres.flatten(1).any(1)]
 
 
+def _ignore(batch: Dict[str, Any], b: int, device: torch.device) -> Optional[torch.Tensor]:
+    ignore = batch.get("ignore_lowres")
+    return None if ignore is None or ignore[b] is None else ignore[b].to(device)
+
+
 def everything_step(
     model: nn.Module,
     criterion: nn.Module,
@@ -56,7 +61,10 @@ def everything_step(
     # Points live in the resized input frame; the logits' frame is 4x coarser. Losses in fp32.
     res = criterion.batch_forward(
         [
-            (out["masks"][b].float(), out["iou_pred"][b].float(), _visible_targets(batch["masks_lowres"][b], device), points[b] / 4.0)
+            (
+                out["masks"][b].float(), out["iou_pred"][b].float(), _visible_targets(batch["masks_lowres"][b], device),
+                points[b] / 4.0, _ignore(batch, b, device),
+            )
             for b in range(pixels.shape[0])
         ]
     )

@@ -213,6 +213,9 @@ class Trainer:
         res = None
         losses: Dict[str, torch.Tensor] = {}
         if mode != "single":
+            if self.distiller is not None:
+                # A mask teacher may add its own masks to the targets (distillation.mask_teacher.method=replace_gt).
+                batch = self.distiller.prepare_targets(batch, self.device, self.autocast_dtype)
             need_features = self.distiller is not None and self.distiller.needs_features
             res = everything_step(
                 self.wrapped, self.criterion, batch, self.device, mcfg.multimask_output, mcfg.points_per_batch,
@@ -274,6 +277,7 @@ class Trainer:
         sums: Dict[str, float] = {}
         count = 0
         accum = self.tcfg.grad_accum
+        backward_done = 0  # micro-batches with a finite loss in the current accumulation window
         bar = tqdm(self.loader, desc=f"epoch {self.epoch}", leave=False,
                    disable=not (self.tcfg.progress and self.dist.is_main))
         for batch in bar:
@@ -289,12 +293,17 @@ class Trainer:
                 if loss is not None:
                     scaled = loss / accum
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    backward_done += 1
             self.batch_in_epoch += 1
             if loss is not None:
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 count += 1
             if sync:
+                if backward_done == 0:  # every micro-batch of the window was non-finite: no step at all
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                backward_done = 0
                 stepped = self._optimizer_step()
                 if stepped and self.step % self.tcfg.log_every == 0:
                     cur = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
@@ -303,7 +312,7 @@ class Trainer:
                         cur["train/lambda"] = self.distiller.lambda_coef
                     cur["epoch"] = self.epoch
                     self._log(cur)
-                bar.set_postfix(loss=f"{float(losses['loss']):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
                 if self._should_stop_now():
                     break
         means = {k: v / max(1, count) for k, v in sums.items()}
@@ -330,6 +339,16 @@ class Trainer:
             self.cfg.model.points_per_batch, self.autocast_dtype, max_images=self.cfg.dataset.val_max_images,
             progress=self.tcfg.progress and self.dist.is_main, keep_visuals=visuals,
         )
+        if self.tcfg.get("prompted_eval", False) or self.cfg.dataset.mode != "everything":
+            # Promptable quality (point / box / corrective clicks), logged as val/prompted/*.
+            from mobilesam_se.evaluation.prompted import evaluate_promptable
+
+            prompted = evaluate_promptable(
+                self.model, loader, self.device, self.cfg.model.multimask_output,
+                max_images=self.cfg.dataset.val_max_images, autocast_dtype=self.autocast_dtype,
+                points_per_batch=self.cfg.model.points_per_batch, progress=self.tcfg.progress and self.dist.is_main,
+            )
+            metrics.update({f"prompted/{k}": v for k, v in prompted.items()})
         return all_reduce_mean(metrics, self.dist, self.device) if self.dist.enabled else metrics, vis
 
     def _save_visuals(self, visuals: List[Dict[str, Any]]) -> None:

@@ -59,21 +59,28 @@ class EverythingLoss(nn.Module):
         pred_iou: Tensor,
         gt_lowres: Tensor,
         points_lowres: Tensor | None = None,
+        ignore_lowres: Tensor | None = None,
     ) -> Dict[str, Any]:
-        """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None."""
+        """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None.
+
+        `ignore_lowres` (h, w) bool: objects left out of the targets (e.g. by max_masks_per_image).
+        A non-foreground candidate lying mostly (>= 50% of its area) inside it gets no IoU-head
+        and no classification loss: it may well segment a real object we simply did not keep.
+        """
         p, m, h, w = logits.shape
         match = match_candidates(logits, gt_lowres, points_lowres, self.fg_iou, self.point_credit, self.point_fg)
         flat_logits = logits.reshape(p * m, h, w)
         flat_iou = pred_iou.reshape(p * m)
 
+        keep = ~self._ignored(flat_logits, match.fg, ignore_lowres)
         fg_logits = flat_logits[match.fg_pred_idx]
         fg_targets = gt_lowres.to(logits.device)[match.fg_gt_idx].float()
         terms = {
             "bce": sigmoid_bce(fg_logits, fg_targets),
             "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
             "dice": dice_loss(fg_logits, fg_targets),
-            "iou": iou_mse(flat_iou, self._iou_target(match)),
-            "cls": iou_confidence_bce(flat_iou, match.fg.float()),
+            "iou": iou_mse(flat_iou[keep], self._iou_target(match)[keep]),
+            "cls": iou_confidence_bce(flat_iou[keep], match.fg.float()[keep]),
         }
         out: Dict[str, Any] = {"loss": self._weighted_sum(terms), **terms}
         out["num_fg"] = float(match.num_fg)
@@ -81,6 +88,17 @@ class EverythingLoss(nn.Module):
         out["mean_matched_iou"] = float(match.iou.mean()) if match.iou.numel() else 0.0
         out["match"] = match
         return out
+
+    @staticmethod
+    @torch.no_grad()
+    def _ignored(flat_logits: Tensor, fg: Tensor, ignore: Tensor | None) -> Tensor:
+        """(Q,) bool: background candidates whose mask lies mostly inside the ignore region."""
+        if ignore is None or not bool(ignore.any()):
+            return torch.zeros_like(fg)
+        pred = (flat_logits.detach() > 0).flatten(1).float()
+        inside = pred @ ignore.to(pred.device).flatten().float()
+        area = pred.sum(1)
+        return (~fg) & (area > 0) & (inside >= 0.5 * area)
 
     def _iou_target(self, match: MatchResult) -> Tensor:
         if self.iou_target == "best":
@@ -95,7 +113,7 @@ class EverythingLoss(nn.Module):
     def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> Dict[str, Any]:
         """Mean of the per-image losses over a batch.
 
-        Each item is (logits, pred_iou, gt_lowres, points_lowres) or a dict with those keys.
+        Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres]) or a dict with those keys.
         Every image weighs the same, including ones without foreground (their mask terms are 0);
         since the mean is linear, loss == sum of w * (batch-mean term) still holds.
         num_fg / num_gt are totals; mean_matched_iou is over all assigned pairs of the batch.

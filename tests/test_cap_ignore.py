@@ -1,0 +1,38 @@
+"""max_masks_per_image must not turn the capped-out objects into background for the loss."""
+import numpy as np
+import torch
+
+from mobilesam_se.data.folder import FolderDataset
+from mobilesam_se.data.folder_writer import write_folder_sample
+from mobilesam_se.losses.everything import EverythingLoss
+
+
+def test_capped_objects_become_an_ignore_region(tmp_path):
+    img = np.full((64, 64, 3), 120, np.uint8)
+    big = np.zeros((64, 64), bool); big[:, :40] = True
+    small = np.zeros((64, 64), bool); small[48:60, 48:60] = True
+    write_folder_sample(tmp_path, "a", img, np.stack([big, small]))
+    capped = FolderDataset(tmp_path, image_size=64, grid_points=2, max_masks_per_image=1)[0]
+    assert capped.masks.shape[0] == 1 and capped.masks[0].sum() == big.sum()
+    ign = capped.ignore_lowres
+    assert ign is not None and ign.shape == (16, 16)
+    assert ign[12:15, 12:15].all() and not ign[:, :8].any()
+    full = FolderDataset(tmp_path, image_size=64, grid_points=2)[0]
+    assert full.ignore_lowres is None
+
+
+def test_loss_ignores_background_candidates_inside_the_ignore_region():
+    h = w = 8
+    gt = torch.zeros(1, h, w, dtype=torch.bool); gt[0, :, :4] = True
+    ignore = torch.zeros(h, w, dtype=torch.bool); ignore[5:, 5:] = True
+    logits = torch.full((2, 1, h, w), -5.0)
+    logits[0, 0, :, :4] = 5.0  # matches the gt: foreground
+    logits[1, 0, 5:, 5:] = 5.0  # segments the capped-out object
+    pred_iou = torch.tensor([[0.9], [0.9]], requires_grad=True)
+    loss = EverythingLoss()
+    with_ignore = loss(logits, pred_iou, gt, ignore_lowres=ignore)
+    without = loss(logits, pred_iou, gt)
+    # without the ignore region the second candidate is background and its confident score is punished
+    assert without["cls"] > with_ignore["cls"] + 1.0
+    with_ignore["loss"].backward()
+    assert pred_iou.grad[1, 0] == 0 and pred_iou.grad[0, 0] != 0

@@ -1,0 +1,132 @@
+"""The trainer: exact resume, freezing, schedules, non-finite guard, outputs, the run.py command line."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydra_utils import TINY_RUN, compose_cfg
+from mobilesam_se.engine.optim import warmup_cosine
+from mobilesam_se.engine.trainer import NonFiniteLossError
+from mobilesam_se.models.build import build_mobilesam
+from mobilesam_se.models.checkpoint import load_model_weights, read_checkpoint
+from mobilesam_se.setup import build_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _data_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+
+
+def fit(overrides, out_dir):
+    cfg = compose_cfg(TINY_RUN + list(overrides))
+    trainer, cleanup = build_run(cfg, out_dir=Path(out_dir))
+    try:
+        return trainer, trainer.fit()
+    finally:
+        cleanup()
+
+
+def fresh_model():
+    """The model `build_run` starts from (it seeds with cfg.seed = 0 before building)."""
+    torch.manual_seed(0)
+    return build_mobilesam(256, size="tiny")
+
+
+def params(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    common = ["matching=bootstrap", "dataset.batch_size=1", "trainer.grad_accum=2", "dataset.prompts_per_step=6"]
+    full, res = fit(common, tmp_path / "a")
+    assert res["step"] == 4  # 4 images, batch 1, accumulation 2 -> 2 steps/epoch, 2 epochs
+    stopped, res_b = fit(common + ["trainer.max_steps=3"], tmp_path / "b")
+    assert res_b["stopped"] and res_b["step"] == 3 and res_b["epoch"] == 1
+    resumed, res_c = fit(common, tmp_path / "b")
+    assert res_c["step"] == 4 and res_c["epoch"] == 2
+    a, c = params(full), params(resumed)
+    assert a.keys() == c.keys()
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+    # something was learned, so the equality above is not vacuous
+    fresh = fresh_model().state_dict()
+    assert any(not torch.equal(fresh[k], a[k]) for k in a if "num_batches" not in k)
+    log = (tmp_path / "b" / "checkpoints" / "training_log.txt").read_text().splitlines()
+    assert [l.split("\t")[0] for l in log] == ["epoch=0", "epoch=1"]  # appended, never rewritten
+
+
+def test_unfreeze_hands_parameters_to_the_optimizer(tmp_path):
+    trainer, _ = fit(["freeze=encoder", "freeze.unfreeze_epoch=1", "trainer.max_epochs=1"], tmp_path / "frozen")
+    before = fresh_model().image_encoder.state_dict()
+    enc = trainer.model.image_encoder.state_dict()
+    assert all(torch.equal(before[k], enc[k]) for k in enc)  # frozen in epoch 0 (BN stats frozen too)
+    n_opt = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
+    assert n_opt < sum(p.numel() for p in trainer.model.parameters())
+
+    trainer, _ = fit(["freeze=encoder", "freeze.unfreeze_epoch=1", "trainer.max_epochs=2"], tmp_path / "thawed")
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in trainer.model.image_encoder.parameters())
+    enc = trainer.model.image_encoder.state_dict()
+    changed = [k for k in enc if enc[k].is_floating_point() and not torch.equal(before[k], enc[k])]
+    assert changed, "unfrozen encoder did not train"
+
+
+def test_warmup_cosine_schedule_and_accumulation(tmp_path):
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)
+    assert warmup_cosine(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+    trainer, res = fit(["dataset.batch_size=1", "trainer.grad_accum=2", "trainer.max_epochs=1",
+                        "trainer.warmup_steps=1", "trainer.lr=0.01", "trainer.min_lr_ratio=0.0"], tmp_path)
+    assert trainer.total_steps == 2 and res["step"] == 2  # 4 micro-batches / accumulation 2
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine reached its end
+
+
+def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="max_nonfinite"):
+        fit(["loss.w_iou=nan", "trainer.max_nonfinite=2"], tmp_path)
+    trainer, res = fit(["loss.w_iou=nan", "trainer.max_nonfinite=100", "trainer.max_epochs=1"], tmp_path / "skip")
+    assert trainer.nonfinite == 2 and res["step"] == 0  # both steps skipped, parameters untouched
+    fresh = dict(fresh_model().named_parameters())
+    assert all(torch.equal(fresh[k], v) for k, v in trainer.model.named_parameters())  # BN stats may move
+
+
+def test_outputs_checkpoints_and_visuals(tmp_path):
+    trainer, res = fit(["matching=bootstrap"], tmp_path)
+    ck = tmp_path / "checkpoints"
+    state = read_checkpoint(ck / "last.ckpt")  # weights_only load works
+    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "lambda", "best_score", "wandb_run_id"):
+        assert key in state
+    assert state["epoch"] == 2 and state["step"] == res["step"]
+    m = build_mobilesam(256, size="tiny")
+    load_model_weights(m, ck / "best.pt")  # official layout, strict
+    load_model_weights(m, ck / "last.ckpt")
+    assert len((ck / "training_log.txt").read_text().splitlines()) == 2
+    assert list((tmp_path / "vis").glob("epoch_*/*.png"))
+    assert (tmp_path / "config_resolved.yaml").exists()
+
+
+def test_run_py_command_line_with_wandb_offline(tmp_path):
+    env = dict(os.environ, WANDB_MODE="offline", MOBILESAM_SE_DATA=str(tmp_path / "data"))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run.py", f"hydra.run.dir={out}", "logger=wandb", "matching=bootstrap",
+           *[o for o in TINY_RUN if not o.startswith("logger")], "trainer.max_epochs=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    run = runs[0]
+    assert list(run.glob("run-*.wandb"))
+    cfg_yaml = (run / "files" / "config.yaml").read_text()
+    assert "w_focal" in cfg_yaml and "grid_points" in cfg_yaml
+    summary = json.loads((run / "files" / "wandb-summary.json").read_text())
+    assert "val/dice" in summary and "train/loss" in summary and math.isfinite(summary["train/loss"])
+    state = read_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert state["wandb_run_id"] and state["wandb_run_id"] in run.name
