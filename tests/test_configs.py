@@ -80,6 +80,10 @@ def test_experiment_seed_everything():
     assert cfg.trainer.lr == 1e-5 and cfg.trainer.warmup_steps == 250 and cfg.trainer.max_epochs == 300
     assert cfg.trainer.early_stop_patience == 20 and cfg.trainer.precision == "bf16"
     assert not any(cfg.freeze[p] for p in ("image_encoder", "prompt_encoder", "mask_decoder"))
+    assert cfg.matching.fg_iou == 0.5 and cfg.matching.point_credit == 0 and not cfg.matching.point_fg
+    # the default (from-scratch) run bootstraps with the point credit instead
+    default = compose_cfg([])
+    assert default.matching.point_credit > 0 and default.matching.point_fg
 
 
 def test_mistyped_key_fails_at_compose_time():
