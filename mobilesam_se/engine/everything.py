@@ -59,16 +59,15 @@ def everything_step(
             record_attention=record_attention,
         )
     # Points live in the resized input frame; the logits' frame is 4x coarser. Losses in fp32.
+    targets = [_visible_targets(batch["masks_lowres"][b], device) for b in range(pixels.shape[0])]
     res = criterion.batch_forward(
         [
-            (
-                out["masks"][b].float(), out["iou_pred"][b].float(), _visible_targets(batch["masks_lowres"][b], device),
-                points[b] / 4.0, _ignore(batch, b, device),
-            )
+            (out["masks"][b].float(), out["iou_pred"][b].float(), targets[b], points[b] / 4.0, _ignore(batch, b, device))
             for b in range(pixels.shape[0])
         ]
     )
     losses = {k: v for k, v in res.items() if isinstance(v, torch.Tensor) and v.dim() == 0}
     stats = {"num_fg": float(res["num_fg"]), "num_gt": float(res["num_gt"]), "mean_matched_iou": float(res["mean_matched_iou"])}
-    context = {"pixels": pixels, "points": points, "outputs": out, "matches": res["matches"]}
+    # matches index into `targets` (the visible ground truth), not into batch["masks_lowres"].
+    context = {"pixels": pixels, "points": points, "outputs": out, "matches": res["matches"], "targets": targets}
     return StepOutput(losses=losses, stats=stats, context=context)
