@@ -1,0 +1,134 @@
+"""The prompted loss of one micro-batch, as the trainer's `extra_loss` (single and mixed modes).
+
+Single mode: this is the whole step. The batch's images are encoded in one `encode` call and each
+image's embedding then serves all of its sampled objects, since the encoder costs far more than
+the decoder. Mixed mode: the everything step has already encoded the batch, and its embeddings
+(`res.context["outputs"]["embeddings"]`, still on the graph) are reused, so the encoder runs once
+per image for both losses and receives the gradients of both.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from mobilesam_se.prompted.loss import PromptedLossWeights, best_candidate_loss
+from mobilesam_se.prompted.sampling import ObjectPrompts, PromptSampling, sample_prompts
+
+Tensor = torch.Tensor
+
+
+class PromptedLoss:
+    """Callable `(model, batch, res, device, autocast_dtype, generator) -> {"loss", "prompted/..."}`.
+
+    `loss` is multiplied by `weight` (dataset.mixed_weight in mixed mode, 1 in single mode); the
+    logged `prompted/*` terms are unweighted so runs with different weights compare directly.
+    """
+
+    def __init__(
+        self,
+        sampling: PromptSampling,
+        weights: PromptedLossWeights,
+        multimask_output: bool = True,
+        points_per_batch: Optional[int] = 64,
+        activation_checkpointing: bool = False,
+        weight: float = 1.0,
+    ) -> None:
+        self.sampling = sampling
+        self.weights = weights
+        self.multimask_output = multimask_output
+        self.points_per_batch = points_per_batch
+        self.activation_checkpointing = activation_checkpointing
+        self.weight = weight
+
+    def _embeddings(self, model: nn.Module, batch: Dict[str, Any], res: Any, device: torch.device,
+                    autocast_dtype: Optional[torch.dtype]) -> Tensor:
+        outputs = getattr(res, "context", {}).get("outputs") if res is not None else None
+        if outputs is not None and outputs.get("embeddings") is not None:
+            return outputs["embeddings"]
+        pixels = batch["image"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return model.encode(pixels)
+
+    def _decode(self, model: nn.Module, embedding: Tensor, prompts: ObjectPrompts, rows: Tensor,
+                boxes: bool, device: torch.device):
+        """Decode the objects `rows` of one image, all by box or all by points (one decode call:
+        a call's prompts share one kind, since a box drops SAM's padding token)."""
+        kw: Dict[str, Any] = {}
+        if boxes:
+            kw["boxes"] = prompts.boxes[rows][None].to(device)
+        else:
+            kw["coords"] = prompts.coords[rows][None].to(device)
+            kw["labels"] = prompts.labels[rows][None].to(device)
+        out = model.decode(
+            embedding, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
+            activation_checkpointing=self.activation_checkpointing, **kw,
+        )
+        return out.masks[0], out.iou_pred[0]
+
+    def __call__(
+        self,
+        model: nn.Module,
+        batch: Dict[str, Any],
+        res: Any,
+        device: torch.device,
+        autocast_dtype: Optional[torch.dtype] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, Tensor]:
+        model = getattr(model, "module", model)  # a DDP wrapper's decode lives on its module
+        generator = generator if generator is not None else torch.Generator()
+        embeddings = self._embeddings(model, batch, res, device, autocast_dtype)
+        logits: List[Tensor] = []
+        iou_pred: List[Tensor] = []
+        targets: List[Tensor] = []
+        for b in range(embeddings.shape[0]):
+            masks_lowres = batch["masks_lowres"][b]
+            prompts = sample_prompts(masks_lowres, tuple(batch["input_size"][b]), model.image_size,
+                                     self.sampling, generator)
+            for by_box in (True, False):
+                rows = torch.nonzero(prompts.use_box == by_box).flatten()
+                if len(rows) == 0:
+                    continue
+                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                    enabled=autocast_dtype is not None):
+                    m, s = self._decode(model, embeddings[b : b + 1], prompts, rows, by_box, device)
+                logits.append(m)
+                iou_pred.append(s)
+                targets.append(masks_lowres[prompts.index[rows]].to(device, non_blocking=True))
+        if logits:
+            terms = best_candidate_loss(torch.cat(logits), torch.cat(iou_pred), torch.cat(targets), self.weights)
+            num = sum(len(t) for t in targets)
+        else:
+            # No visible object in the batch: a zero on the encoder's graph keeps backward() valid.
+            zero = embeddings.sum().float() * 0.0
+            terms, num = {"loss": zero, "focal": zero, "dice": zero, "iou": zero}, 0
+        return {
+            "loss": terms["loss"] * self.weight,
+            "prompted/focal": terms["focal"].detach(),
+            "prompted/dice": terms["dice"].detach(),
+            "prompted/iou": terms["iou"].detach(),
+            "prompted/num_objects": torch.tensor(float(num)),
+        }
+
+
+def build_prompted_loss(cfg: DictConfig) -> PromptedLoss:
+    """The trainer's extra loss for `dataset.mode` single (weight 1) or mixed (dataset.mixed_weight)."""
+    d, m = cfg.dataset, cfg.model
+    if d.mode not in ("single", "mixed"):
+        raise ValueError(f"the prompted loss is for dataset.mode single|mixed, got {d.mode!r}")
+    sampling = PromptSampling(
+        prompt_mode=d.prompt_mode, max_objects=d.objects_per_image, min_points=d.min_points,
+        max_points=d.max_points, negative_points=d.negative_points, max_bbox_shift=d.max_bbox_shift,
+    )
+    loss_cfg = cfg.get("loss") or {}
+    weights = PromptedLossWeights(
+        focal=d.prompted_w_focal, dice=d.prompted_w_dice, iou=d.prompted_w_iou,
+        focal_alpha=loss_cfg.get("focal_alpha", 0.25), focal_gamma=loss_cfg.get("focal_gamma", 2.0),
+    )
+    return PromptedLoss(
+        sampling, weights, multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
+        activation_checkpointing=m.activation_checkpointing,
+        weight=float(d.mixed_weight) if d.mode == "mixed" else 1.0,
+    )
