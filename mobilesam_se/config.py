@@ -220,6 +220,10 @@ class TrainerConfig:
     deterministic: bool = True
     progress: bool = True
     prompted_eval: bool = False  # also log val/prompted/* (always on when dataset.mode != everything)
+    # COCO mask AP/AR + IoU-head calibration (val/coco_raw/*, val/coco_amg/*, val/calibration/*) at the
+    # validations of every N-th epoch and the last one; 0: off (COCOeval and the AMG pass are slow)
+    coco_eval_every: int = 0
+    coco_eval_amg: bool = True  # also score the stock AMG output (a second pass over each image)
 
 
 @dataclass

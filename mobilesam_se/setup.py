@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import secrets
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mobilesam_se.config import register_configs
 
@@ -22,11 +21,12 @@ def register_resolvers() -> None:
     """Schemas and resolvers, registered once per process before Hydra composes."""
     register_configs()
     if not OmegaConf.has_resolver("sweep_uid"):
-        # One token per launch, inherited by subprocesses: sweeps started in the same second differ.
-        def _uid() -> str:
-            return os.environ.setdefault("MOBILESAM_SE_SWEEP_UID", secrets.token_hex(3))
-
-        OmegaConf.register_new_resolver("sweep_uid", _uid, use_cache=True)
+        # One token per launching process: sweeps started in the same second differ. Jobs get the
+        # launcher's value through Hydra's resolver cache (load_sweep_config copies it; submitit
+        # pickles it with the config), so it is deliberately not passed on through the environment
+        # (a parent that resolved once would hand the same token to every sweep it starts).
+        token = secrets.token_hex(3)
+        OmegaConf.register_new_resolver("sweep_uid", lambda: token, use_cache=True)
     if not OmegaConf.has_resolver("repo_root"):
         # The checkout's root, so configs can name files beside it whatever the working directory.
         OmegaConf.register_new_resolver("repo_root", lambda: str(Path(__file__).resolve().parents[1]))
@@ -64,18 +64,48 @@ def build_datasets(cfg: DictConfig):
     return train_set, val_set
 
 
+def sweep_labels(cfg: DictConfig) -> dict:
+    """W&B group / run name of a multirun job, where the logger config leaves them null:
+    group = "<task_name>-<sweep directory name>" (one per sweep), name = the job's overrides
+    (hydra.job.override_dirname, e.g. "dataset.grid_points=16,loss.w_dice=0.5")."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    labels = {}
+    if "group" in cfg.logger and cfg.logger.group is None:
+        labels["group"] = f"{cfg.task_name}-{Path(str(hc.sweep.dir)).name}"
+    if "name" in cfg.logger and cfg.logger.name is None:
+        labels["name"] = hc.job.override_dirname or f"job{hc.job.num}"
+    return labels
+
+
 def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Callable[[], None]]:
     """Instantiate model, loss, data, logger and (optional) distiller; return (trainer, cleanup)."""
-    from mobilesam_se.engine.distributed import cleanup, init_distributed
+    from mobilesam_se.engine.distributed import broadcast_object, cleanup, init_distributed
     from mobilesam_se.engine.trainer import Trainer, resolve_device
 
     device = resolve_device(cfg.trainer.device)
     dist_info = init_distributed(device.type)
+    if not dist_info.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # logs from rank 0; warnings from every rank
+    # Each rank's Hydra resolved its own ${now:...}: all use rank 0's directory.
+    out_dir = Path(broadcast_object(str(out_dir or output_dir(cfg)), dist_info))
     seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts
     model = instantiate(cfg.model.net)
     criterion = instantiate(cfg.loss)
     train_set, val_set = build_datasets(cfg)
-    logger = instantiate(cfg.logger) if cfg.get("logger") is not None and dist_info.is_main else None
+    logger = None
+    if cfg.get("logger") is not None and dist_info.is_main:
+        labels = sweep_labels(cfg)
+        with open_dict(cfg):  # recorded in config_resolved.yaml / the W&B config
+            for k, v in labels.items():
+                cfg.logger[k] = v
+        logger = instantiate(cfg.logger)
     distiller = None
     if cfg.distillation.get("enabled", False):
         from mobilesam_se.distill import build_distiller
@@ -86,7 +116,7 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
         from mobilesam_se.prompted import build_prompted_loss
 
         extra_loss = build_prompted_loss(cfg)
-    trainer = Trainer(cfg, model, criterion, train_set, val_set, out_dir or output_dir(cfg), logger=logger,
+    trainer = Trainer(cfg, model, criterion, train_set, val_set, out_dir, logger=logger,
                       distiller=distiller, dist_info=dist_info, extra_loss=extra_loss)
 
     def _cleanup() -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hydra_utils import TINY_RUN, compose_cfg
+from wandb_records import history_keys, read_run
 from mobilesam_se.engine.optim import warmup_cosine
 from mobilesam_se.engine.trainer import NonFiniteLossError
 from mobilesam_se.models.build import build_mobilesam
@@ -117,16 +118,25 @@ def test_run_py_command_line_with_wandb_offline(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", MOBILESAM_SE_DATA=str(tmp_path / "data"))
     out = tmp_path / "run"
     cmd = [sys.executable, "run.py", f"hydra.run.dir={out}", "logger=wandb", "matching=bootstrap",
-           *[o for o in TINY_RUN if not o.startswith("logger")], "trainer.max_epochs=1"]
+           *[o for o in TINY_RUN if not o.startswith("logger")], "trainer.max_epochs=1", "trainer.log_every=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    run = runs[0]
-    assert list(run.glob("run-*.wandb"))
-    cfg_yaml = (run / "files" / "config.yaml").read_text()
-    assert "w_focal" in cfg_yaml and "grid_points" in cfg_yaml
-    summary = json.loads((run / "files" / "wandb-summary.json").read_text())
-    assert "val/dice" in summary and "train/loss" in summary and math.isfinite(summary["train/loss"])
+    files = list(runs[0].glob("run-*.wandb"))
+    assert len(files) == 1
+    logged = read_run(files[0])
+    # config = the resolved Hydra config
+    assert logged["config"]["loss"]["w_focal"] == 15.0 and logged["config"]["dataset"]["grid_points"] == 4
+    keys = history_keys(logged)
+    for key in ("train/loss", "train/bce", "train/focal", "train/dice", "train/iou", "train/cls", "train/lr",
+                "val/dice", "val/recall", "val/precision"):
+        assert key in keys, key
+    # the logged loss is the optimised one: the weighted sum of the logged terms
+    row = next(r for r in logged["history"] if "train/loss" in r)
+    w = logged["config"]["loss"]
+    total = sum(w[f"w_{t}"] * row[f"train/{t}"] for t in ("bce", "focal", "dice", "iou", "cls"))
+    assert math.isclose(row["train/loss"], total, rel_tol=1e-4, abs_tol=1e-6)
+    assert any(k.startswith("val/overlay/") for k in keys)  # overlay images
     state = read_checkpoint(out / "checkpoints" / "last.ckpt")
-    assert state["wandb_run_id"] and state["wandb_run_id"] in run.name
+    assert state["wandb_run_id"] == logged["run_id"]

@@ -22,10 +22,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mobilesam_se.data.sample import collate_samples
-from mobilesam_se.engine.distributed import DistInfo, all_reduce_mean, barrier
+from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.everything import everything_step
 from mobilesam_se.engine.freeze import freeze_batchnorm_stats, freeze_parts, unfreeze_parts
 from mobilesam_se.engine.optim import build_optimizer, build_scheduler
+from mobilesam_se.engine.preemption import SignalCatcher, code_of, signal_of
 from mobilesam_se.engine.sampler import EpochSampler
 from mobilesam_se.engine.state import capture_rng, restore_rng
 from mobilesam_se.engine.validate import validate
@@ -77,7 +78,7 @@ class Trainer:
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(self.tcfg.device)
         if self.device.type == "cuda" and self.dist.enabled:
-            self.device = torch.device("cuda", self.dist.local_rank)
+            self.device = torch.device("cuda", cuda_index(self.dist.local_rank))
         self.autocast_dtype = resolve_autocast(self.tcfg.precision, self.device)
         self.model = model.to(self.device)
         self.criterion = criterion
@@ -95,6 +96,7 @@ class Trainer:
         self.nonfinite = 0
         self.unfrozen = False
         self.stop_requested = False
+        self.stop_signal: Optional[int] = None  # the preemption signal that asked for the stop, if any
         self.history: List[Dict[str, float]] = []
 
         frozen = [p for p in ("image_encoder", "prompt_encoder", "mask_decoder") if cfg.freeze[p]]
@@ -200,9 +202,11 @@ class Trainer:
         log.info("unfroze %s: %d tensors handed to the optimizer", self.frozen_parts, n)
 
     # -- the loop --------------------------------------------------------------------------------
-    def request_stop(self, *_: Any) -> None:
-        """Save at the next step boundary and return (used for SLURM preemption signals)."""
+    def request_stop(self, signum: Optional[int] = None, *_: Any) -> None:
+        """Save at the next step boundary and return; `signum`: the preemption signal (engine/preemption.py)."""
         self.stop_requested = True
+        if signum is not None and code_of(signum) >= code_of(self.stop_signal):
+            self.stop_signal = signum
 
     def _micro_step(self, batch: Dict[str, Any], micro_index: int) -> Dict[str, torch.Tensor]:
         """Losses of one micro-batch: everything mode, plus the prompted loss (mixed / single mode)
@@ -307,6 +311,7 @@ class Trainer:
                 stepped = self._optimizer_step()
                 if stepped and self.step % self.tcfg.log_every == 0:
                     cur = {f"train/{k}": float(v.detach()) for k, v in losses.items()}
+                    cur = all_reduce_mean(cur, self.dist, self.device)  # mean over ranks
                     cur["train/lr"] = self.optimizer.param_groups[0]["lr"]
                     if self.distiller is not None:
                         cur["train/lambda"] = self.distiller.lambda_coef
@@ -322,23 +327,37 @@ class Trainer:
         return math.ceil(self.shard_len / self.cfg.dataset.batch_size)
 
     def _should_stop_now(self) -> bool:
-        if self.stop_requested:
-            return True
         if self.tcfg.max_steps is not None and self.step >= self.tcfg.max_steps:
             self.stop_requested = True
         if self.tcfg.time_limit_min is not None and time.time() - self._t0 > 60 * self.tcfg.time_limit_min:
             self.stop_requested = True
+        return self._agree_on_stop()
+
+    def _agree_on_stop(self) -> bool:
+        """All ranks stop after the same step: a signal reaches them at different moments (collective)."""
+        if self.dist.enabled:
+            stop, code = all_reduce_max([self.stop_requested, code_of(self.stop_signal)], self.dist, self.device)
+            self.stop_requested = bool(stop)
+            if code and code_of(self.stop_signal) != code:
+                self.stop_signal = signal_of(code)
         return self.stop_requested
 
     def _validate(self, visuals: int) -> tuple:
         loader = self._val_loader()
         if loader is None:
             return {}, []
+        from mobilesam_se.evaluation.everything import figure_to_rgb, training_evaluator
+
+        # COCO mask AP/AR + IoU-head calibration when trainer.coco_eval_every is due (else None).
+        evaluator = training_evaluator(self.model, self.cfg, self.epoch)
         metrics, vis = validate(
             self.model, loader, self.device, self.cfg.model.image_size, self.cfg.model.multimask_output,
             self.cfg.model.points_per_batch, self.autocast_dtype, max_images=self.cfg.dataset.val_max_images,
-            progress=self.tcfg.progress and self.dist.is_main, keep_visuals=visuals,
+            progress=self.tcfg.progress and self.dist.is_main, keep_visuals=visuals, evaluator=evaluator,
         )
+        if evaluator is not None and self.logger is not None:
+            self.logger.log_image("val/calibration", figure_to_rgb(evaluator.plot_calibration()), self.step,
+                                  caption=f"epoch {self.epoch}: IoU head reliability")
         if self.tcfg.get("prompted_eval", False) or self.cfg.dataset.mode != "everything":
             # Promptable quality (point / box / corrective clicks), logged as val/prompted/*.
             from mobilesam_se.evaluation.prompted import evaluate_promptable
@@ -369,10 +388,26 @@ class Trainer:
                                       caption=f"epoch {self.epoch}: ground truth | matched predictions")
 
     def fit(self) -> Dict[str, Any]:
+        """Train (resuming from last.ckpt when there is one). A preemption signal (SIGUSR1/2, SIGTERM)
+        stops at the next step with last.ckpt saved; `result["preempted"]` is then that signal and
+        the caller exits (run.py: engine.preemption.exit_after_checkpoint, which requeues)."""
+        catcher = SignalCatcher(self.request_stop).install()
+        try:
+            result = self._fit()
+            self._agree_on_stop()  # a signal during the final barrier: all ranks must decide alike
+        finally:
+            catcher.restore()
+        complete = self.epoch >= self.tcfg.max_epochs or result["stopped_early"]
+        result["preempted"] = self.stop_signal if (self.stop_signal is not None and not complete) else None
+        return result
+
+    def _fit(self) -> Dict[str, Any]:
         self._t0 = time.time()
         if self.last_path.exists() and self.cfg.trainer.get("resume", True):
             state = self.load_last()
             run_id = state.get("wandb_run_id")
+            if self.unfrozen:
+                self.wrapped = self._wrap_ddp(self.model)  # DDP must see the parameters that now train
         else:
             run_id = None
         if self.logger is not None:
@@ -389,6 +424,7 @@ class Trainer:
         while self.epoch < self.tcfg.max_epochs:
             if self.frozen_parts and not self.unfrozen and 0 < self.cfg.freeze.unfreeze_epoch <= self.epoch:
                 self._unfreeze()
+                self.wrapped = self._wrap_ddp(self.model)  # DDP must see the parameters that now train
             t = time.time()
             train_means = self._train_epoch()
             if self.stop_requested and self.batch_in_epoch < self._micro_per_epoch():
@@ -430,7 +466,7 @@ class Trainer:
             if stopped_early:
                 log.info("early stop: no improvement of val/%s in %d validations", self.tcfg.monitor, patience)
                 break
-            if self.stop_requested:
+            if self._agree_on_stop():
                 break
         barrier(self.dist)
         if self.logger is not None:

@@ -46,6 +46,7 @@ def validate(
     max_images: Optional[int] = None,
     progress: bool = True,
     keep_visuals: int = 0,
+    evaluator=None,
 ) -> Tuple[Dict[str, float], List[Dict[str, Any]]]:
     """Mean metrics over the loader's images, and up to `keep_visuals` items for pictures.
 
@@ -53,6 +54,9 @@ def validate(
       score: how well the best one-to-one pairing covers the objects);
     - precision (and recall_filtered): only candidates whose predicted IoU >= score_thresh, after
       mask NMS at nms_iou, so spurious confident masks count against the model.
+
+    `evaluator` (an `evaluation.everything.EverythingEvaluator`) also receives every image's
+    candidates; its COCO AP / AR and calibration metrics are merged into the result.
     """
     was_training = model.training
     model.eval()
@@ -72,6 +76,9 @@ def validate(
             masks = full_res_candidates(q, batch["input_size"][b], batch["orig_size"][b], image_size)
             everything = evaluate_image(masks, s, gt)
             filtered = evaluate_image(masks, s, gt, score_thresh=score_thresh, nms_iou=nms_iou)
+            if evaluator is not None:
+                originals = batch.get("image_uint8")
+                evaluator.add(batch["image_id"][b], masks, s, gt, originals[b] if originals else None)
             per_image.append({
                 "dice": everything["dice"], "iou": everything["iou"], "recall": everything["recall"],
                 "precision": filtered["precision"], "recall_filtered": filtered["recall"],
@@ -92,6 +99,8 @@ def validate(
     if was_training:
         model.train()
     metrics = aggregate(per_image) if per_image else {}
+    if evaluator is not None:
+        metrics.update(evaluator.summarize())
     return {k: float(v) for k, v in metrics.items()}, visuals
 
 
