@@ -115,8 +115,24 @@ class Trainer:
         self.wrapped = self._wrap_ddp(self.model)
 
     # -- set-up ----------------------------------------------------------------------------------
+    @property
+    def _manual_grad_sync(self) -> bool:
+        """Prompted (single / mixed) mode decodes outside the model's forward, which DDP's hooks
+        do not see; there gradients are averaged across ranks by hand before each step."""
+        return self.dist.enabled and self.cfg.dataset.mode != "everything"
+
+    def _sync_gradients(self) -> None:
+        import torch.distributed as tdist
+
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)  # every rank must join every all-reduce
+                tdist.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+
     def _wrap_ddp(self, model: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
+        if not self.dist.enabled or self._manual_grad_sync:
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -241,6 +257,8 @@ class Trainer:
         return losses
 
     def _optimizer_step(self) -> bool:
+        if self._manual_grad_sync:
+            self._sync_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -287,7 +305,8 @@ class Trainer:
         for batch in bar:
             micro_index = self.epoch * self._micro_per_epoch() + self.batch_in_epoch
             sync = (self.batch_in_epoch + 1) % accum == 0 or self.batch_in_epoch + 1 == self._micro_per_epoch()
-            ctx = self.wrapped.no_sync() if (self.dist.enabled and not sync) else contextlib.nullcontext()
+            use_no_sync = self.dist.enabled and not sync and not self._manual_grad_sync
+            ctx = self.wrapped.no_sync() if use_no_sync else contextlib.nullcontext()
             with ctx:
                 losses = self._micro_step(batch, micro_index)
                 loss = losses["loss"]

@@ -1,0 +1,113 @@
+"""Masks <-> COCO run-length encodings, through pycocotools, and mask boxes.
+
+All RLEs here are COCO's compressed form with `counts` as `str` (JSON-ready), as in SA-1B.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+Rle = Dict[str, Any]
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+def _as_numpy_bool(masks: ArrayLike) -> np.ndarray:
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach().to("cpu", torch.bool).numpy()
+    return np.asarray(masks, dtype=bool)
+
+
+def encode(masks: ArrayLike) -> List[Rle]:
+    """(k, H, W) binary masks -> k COCO RLEs ({"size": [H, W], "counts": str})."""
+    m = _as_numpy_bool(masks)
+    if m.ndim == 2:
+        m = m[None]
+    if m.shape[0] == 0:
+        return []
+    # pycocotools wants (H, W, k) uint8 in Fortran order (column-major per mask).
+    rles = mask_utils.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
+def _to_coco(rle: Rle) -> Rle:
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        return {"size": list(rle["size"]), "counts": counts.encode("ascii")}
+    if isinstance(counts, list):  # uncompressed
+        h, w = rle["size"]
+        return mask_utils.frPyObjects(rle, h, w)
+    return rle
+
+
+def _decode(obj):
+    with warnings.catch_warnings():  # pycocotools 2.0.x warns under numpy 2 about __array__(copy=)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(obj)
+
+
+def decode(rle: Rle) -> np.ndarray:
+    """One RLE (compressed, str or bytes counts, or uncompressed) -> (H, W) bool."""
+    return _decode(_to_coco(rle)).astype(bool)
+
+
+def decode_many(rles: Sequence[Rle]) -> np.ndarray:
+    """k RLEs of the same size -> (k, H, W) bool."""
+    if not rles:
+        return np.zeros((0, 0, 0), dtype=bool)
+    m = _decode([_to_coco(r) for r in rles])  # (H, W, k)
+    return np.ascontiguousarray(m.transpose(2, 0, 1)).astype(bool)
+
+
+def area(rle: Rle) -> int:
+    return int(mask_utils.area(_to_coco(rle)))
+
+
+def iou_matrix(a: Sequence[Rle], b: Sequence[Rle]) -> np.ndarray:
+    """(len(a), len(b)) mask IoUs."""
+    if not a or not b:
+        return np.zeros((len(a), len(b)))
+    return np.asarray(mask_utils.iou([_to_coco(r) for r in a], [_to_coco(r) for r in b], [0] * len(b)))
+
+
+def to_uncompressed(mask: np.ndarray) -> Rle:
+    """(H, W) bool -> uncompressed RLE (column-major counts, first count is zeros), as SAM's AMG."""
+    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0]:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def uncrop(rle: Rle, crop_box: Sequence[int], orig_hw: Tuple[int, int]) -> Rle:
+    """An RLE of a crop -> the same mask placed in the full image (zeros elsewhere)."""
+    x0, y0, x1, y1 = crop_box
+    h, w = orig_hw
+    if (x0, y0, x1, y1) == (0, 0, w, h):
+        return rle
+    full = np.zeros((h, w), dtype=bool)
+    full[y0:y1, x0:x1] = decode(rle)
+    return encode(full[None])[0]
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """(k, H, W) bool -> (k, 4) int64 XYXY boxes with inclusive max corners; [0, 0, 0, 0] if empty."""
+    k, h, w = masks.shape
+    if k == 0:
+        return torch.zeros(0, 4, dtype=torch.long, device=masks.device)
+    rows = masks.any(dim=2)  # (k, H)
+    cols = masks.any(dim=1)  # (k, W)
+    # argmax returns the first maximal index: the first True (or 0 if none).
+    top = rows.to(torch.uint8).argmax(dim=1)
+    bottom = h - 1 - rows.flip(1).to(torch.uint8).argmax(dim=1)
+    left = cols.to(torch.uint8).argmax(dim=1)
+    right = w - 1 - cols.flip(1).to(torch.uint8).argmax(dim=1)
+    boxes = torch.stack([left, top, right, bottom], dim=1).long()
+    return boxes * rows.any(dim=1, keepdim=True)

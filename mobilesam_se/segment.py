@@ -1,0 +1,123 @@
+"""Segment everything in an image or a folder of images.
+
+    python -m mobilesam_se.segment checkpoint=<mobile_sam.pt|best.pt|last.ckpt> input=<image|folder> output=<dir> \
+        [generator.points_per_side=32] [model.image_size=1024] [model.size=full] [device=cpu|cuda|auto]
+
+For every image writes `<output>/<stem>.json` in SA-1B's per-image format ({"image": {image_id,
+width, height, file_name}, "annotations": [{id, segmentation (COCO RLE, counts as str), area,
+bbox (XYWH), predicted_iou, stability_score, point_coords, crop_box}]}) and `<output>/<stem>.png`,
+the masks overlaid on the image. Relative paths are taken from the current directory (the config
+keeps Hydra from changing it or writing its own files). Config: conf/segment.yaml.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def find_images(path: Path, recursive: bool = False) -> List[Path]:
+    """The image files of `path` (a file, or a folder's images sorted by name)."""
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_file():
+        return [path]
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in path.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return files
+
+
+def output_stems(files: List[Path], root: Path) -> Dict[Path, str]:
+    """File -> output stem: the file's stem, or its relative path with '_' when stems collide."""
+    stems = [f.stem for f in files]
+    out = {}
+    for f, s in zip(files, stems):
+        if stems.count(s) > 1:
+            rel = f.relative_to(root) if root.is_dir() else Path(f.name)
+            s = "_".join(rel.with_suffix("").parts) + "_" + f.suffix.lower().lstrip(".")
+        out[f] = s
+    return out
+
+
+def resolve_device(name: str):
+    import torch
+
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but CUDA is not available (use device=cpu)")
+    return torch.device(name)
+
+
+def run(cfg) -> List[Path]:
+    """Segment every input image; returns the JSON files written."""
+    import torch
+    from omegaconf import OmegaConf
+    from tqdm import tqdm
+
+    from mobilesam_se.data.image_io import load_image_rgb
+    from mobilesam_se.inference.amg import EverythingGenerator
+    from mobilesam_se.inference.outputs import sa1b_record, write_json, write_overlay
+    from mobilesam_se.models.build import build_mobilesam
+    from mobilesam_se.models.checkpoint import load_model_weights
+
+    for key in ("checkpoint", "input", "output"):
+        if not cfg.get(key):
+            raise ValueError(f"{key}=... is required: python -m mobilesam_se.segment checkpoint=<file> input=<image|folder> output=<dir>")
+    ckpt, src, out_dir = Path(cfg.checkpoint), Path(cfg.input), Path(cfg.output)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    files = find_images(src, bool(cfg.get("recursive", False)))
+    gen_kwargs = OmegaConf.to_container(cfg.generator, resolve=True)
+    if gen_kwargs.get("output_mode", "coco_rle") != "coco_rle":
+        raise ValueError("generator.output_mode must be coco_rle (the JSON holds COCO RLEs)")
+    device = resolve_device(cfg.device)
+
+    model = build_mobilesam(image_size=int(cfg.model.image_size), size=str(cfg.model.size))
+    load_model_weights(model, ckpt)
+    model = model.eval().to(device)
+    generator = EverythingGenerator(model, **gen_kwargs)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems = output_stems(files, src)
+    written = []
+    for image_id, path in enumerate(tqdm(files, desc="segment", unit="img", disable=not cfg.get("progress", True))):
+        image = load_image_rgb(path)
+        records = generator.generate(image)
+        stem = stems[path]
+        name = str(path.relative_to(src)) if src.is_dir() else path.name
+        write_json(sa1b_record(records, image.shape[:2], name, image_id), out_dir / f"{stem}.json")
+        if cfg.get("overlay", True):
+            write_overlay(image, records, out_dir / f"{stem}.png")
+        written.append(out_dir / f"{stem}.json")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return written
+
+
+def _main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../conf", config_name="segment", version_base="1.3")
+    def main(cfg) -> None:
+        from mobilesam_se.data.errors import DatasetError
+        from mobilesam_se.models.checkpoint import CheckpointError
+
+        try:
+            files = run(cfg)
+        except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        print(f"wrote {len(files)} JSON file(s) and overlays to {cfg.output}")
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()
