@@ -73,6 +73,7 @@ class MatchingConfig:
     fg_iou: float = 0.5
     point_credit: float = 0.0  # added to the assignment score when the prompt lies in the object
     point_fg: bool = False  # an assigned pair whose prompt lies in the object is foreground
+    point_supervision: bool = False  # also supervise each prompt's best candidate toward its object
 
 
 @dataclass
@@ -89,6 +90,7 @@ class LossConfig:
     fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
     point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
     point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]
+    point_supervision: bool = "${matching.point_supervision}"  # type: ignore[assignment]
 
 
 @dataclass

@@ -182,3 +182,28 @@ def test_batch_forward_means_over_images():
     assert out["loss"].item() == pytest.approx(total, rel=1e-6)
     with pytest.raises(ValueError):
         crit.batch_forward([])
+
+
+def test_point_supervision_picks_best_candidate_of_each_prompt_inside_an_object():
+    from mobilesam_se.losses.everything import EverythingLoss
+
+    h = w = 8
+    gt = torch.zeros(2, h, w, dtype=torch.bool)
+    gt[0, :4, :4] = True  # object A (area 16)
+    gt[1, :, 4:] = True  # object B (area 32)
+    logits = torch.full((3, 2, h, w), -4.0)
+    logits[0, 1, :4, :4] = 4.0  # prompt 0, candidate 1 is A exactly
+    logits[1, 0, :, 4:] = 4.0  # prompt 1, candidate 0 is B exactly
+    points = torch.tensor([[1.5, 1.5], [6.5, 3.5], [1.5, 6.5]])  # in A, in B, in no object
+    loss = EverythingLoss(point_supervision=True)
+    pred, tgt = loss._point_pairs(logits, gt, points)
+    assert pred.tolist() == [1, 2] and tgt.tolist() == [0, 1]  # q = p * M + m
+    # with point supervision the mask terms see these pairs even when Hungarian pairs are few
+    on = loss(logits.clone().requires_grad_(True), torch.zeros(3, 2), gt, points)
+    off = EverythingLoss(point_supervision=False)(logits, torch.zeros(3, 2), gt, points)
+    assert on["dice"] < 0.05 and off["dice"] < 0.05  # both exact here; now break prompt 1's mask
+    bad = logits.clone()
+    bad[1, 0] = -4.0
+    bad[1, 1, :, 4:] = 4.0  # candidate 1 of prompt 1 becomes B: still the best of that prompt
+    pred2, _ = loss._point_pairs(bad, gt, points)
+    assert pred2.tolist() == [1, 3]

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from mobilesam_se.losses.mask import dice_loss, iou_confidence_bce, iou_mse, sigmoid_bce, sigmoid_focal
-from mobilesam_se.matching import MatchResult, match_candidates
+from mobilesam_se.matching import MatchResult, match_candidates, point_in_masks
 
 TERMS = ("bce", "focal", "dice", "iou", "cls")
 IOU_TARGETS = ("assigned", "best")
@@ -41,6 +41,7 @@ class EverythingLoss(nn.Module):
         point_credit: float = 0.0,
         point_fg: bool = False,
         iou_target: str = "assigned",
+        point_supervision: bool = False,
     ) -> None:
         super().__init__()
         if iou_target not in IOU_TARGETS:
@@ -52,6 +53,7 @@ class EverythingLoss(nn.Module):
         self.point_credit = point_credit
         self.point_fg = point_fg
         self.iou_target = iou_target
+        self.point_supervision = point_supervision
 
     def forward(
         self,
@@ -73,8 +75,13 @@ class EverythingLoss(nn.Module):
         flat_iou = pred_iou.reshape(p * m)
 
         keep = ~self._ignored(flat_logits, match.fg, ignore_lowres)
-        fg_logits = flat_logits[match.fg_pred_idx]
-        fg_targets = gt_lowres.to(logits.device)[match.fg_gt_idx].float()
+        pred_idx, gt_idx = match.fg_pred_idx, match.fg_gt_idx
+        if self.point_supervision and points_lowres is not None and gt_lowres.shape[0]:
+            extra_pred, extra_gt = self._point_pairs(logits, gt_lowres, points_lowres)
+            pred_idx = torch.cat([pred_idx, extra_pred.to(pred_idx.device)])
+            gt_idx = torch.cat([gt_idx, extra_gt.to(gt_idx.device)])
+        fg_logits = flat_logits[pred_idx]
+        fg_targets = gt_lowres.to(logits.device)[gt_idx].float()
         terms = {
             "bce": sigmoid_bce(fg_logits, fg_targets),
             "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
@@ -88,6 +95,32 @@ class EverythingLoss(nn.Module):
         out["mean_matched_iou"] = float(match.iou.mean()) if match.iou.numel() else 0.0
         out["match"] = match
         return out
+
+    @torch.no_grad()
+    def _point_pairs(self, logits: Tensor, gt: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
+        """SAM's own prompted signal, for training from scratch: every prompt whose point lies in an
+        object supervises its best candidate (lowest focal + Dice, as SAM picks among its 3) toward
+        that object (the smallest one containing the point). The Hungarian pairs alone give one
+        supervised mask per object, too sparse for random weights to learn localisation from."""
+        p, m = logits.shape[:2]
+        inside = point_in_masks(points, gt)  # (P, K)
+        areas = gt.flatten(1).sum(1).float().to(inside.device)
+        cost = torch.where(inside, areas[None, :], torch.full_like(inside, float("inf"), dtype=torch.float32))
+        best_area, k = cost.min(dim=1)
+        prompts = torch.nonzero(torch.isfinite(best_area)).flatten()
+        if prompts.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return empty, empty
+        cand = logits[prompts.to(logits.device)].float()  # (n, M, h, w)
+        tgt = gt.to(logits.device)[k[prompts].to(logits.device)].float()[:, None].expand_as(cand)
+        prob = cand.sigmoid()
+        dice = 1 - (2 * (prob * tgt).flatten(2).sum(-1) + 1) / (prob.flatten(2).sum(-1) + tgt.flatten(2).sum(-1) + 1)
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(cand, tgt, reduction="none")
+        p_t = prob * tgt + (1 - prob) * (1 - tgt)
+        a_t = self.focal_alpha * tgt + (1 - self.focal_alpha) * (1 - tgt)
+        focal = (a_t * ce * (1 - p_t) ** self.focal_gamma).flatten(2).mean(-1)
+        best_m = (self.weights["focal"] * focal + self.weights["dice"] * dice).argmin(dim=1).cpu()
+        return prompts.cpu() * m + best_m, k[prompts].cpu()
 
     @staticmethod
     @torch.no_grad()
