@@ -7,7 +7,7 @@ gradients and only index / target tensors come out; the losses gather from the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -162,3 +162,18 @@ def match_candidates(
         fg_pred_idx=pred_idx[pair_fg], fg_gt_idx=gt_idx[pair_fg],
         iou_matrix=iou, true_iou=true_iou, best_iou=best_iou,
     )
+
+
+def mask_nms(masks: Tensor, scores: Tensor, iou_thresh: float) -> Tensor:
+    """Indices (by descending score) of masks kept by greedy NMS: drop any mask whose IoU with a
+    higher-scoring kept mask exceeds iou_thresh (the torchvision / AMG convention, strict >)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    iou = mask_iou_matrix(masks[order], masks[order]).cpu()
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep: List[int] = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        suppressed |= iou[i] > iou_thresh
+    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mobilesam_se.distill import mask_teacher as mt
+from mobilesam_se.matching import mask_nms
 from mobilesam_se.distill import terms as T
 from mobilesam_se.distill.plateau import PlateauLambda
 
@@ -156,7 +157,7 @@ def _box(y0, y1, x0, x1, side=16):
 
 def test_mask_nms_keeps_the_best_of_duplicates():
     masks = torch.stack([_box(0, 8, 0, 8), _box(0, 8, 0, 7), _box(8, 16, 8, 16)])
-    keep = mt.mask_nms(masks, torch.tensor([0.9, 0.95, 0.5]), 0.7)
+    keep = mask_nms(masks, torch.tensor([0.9, 0.95, 0.5]), 0.7)
     assert keep.tolist() == [1, 2]
 
 

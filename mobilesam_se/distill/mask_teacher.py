@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from mobilesam_se.distill.terms import bernoulli_kl, soft_dice
-from mobilesam_se.matching import hungarian_match, mask_iou_matrix, match_candidates
+from mobilesam_se.matching import mask_nms, hungarian_match, mask_iou_matrix, match_candidates
 
 METHODS = ("none", "replace_gt", "dual_supervision")
 
@@ -36,25 +36,6 @@ class TeacherMasks:
     @property
     def masks(self) -> Tensor:
         return self.logits > 0
-
-
-def mask_nms(masks: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy NMS on mask IoU: indices of kept masks, best score first.
-
-    A mask is dropped when its IoU with an already kept (better scored) mask exceeds the threshold.
-    """
-    if masks.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=masks.device)
-    order = torch.argsort(scores, descending=True, stable=True)
-    iou = mask_iou_matrix(masks[order], masks[order]).cpu()
-    keep: List[int] = []
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_threshold
-    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def region_mask(valid_hw: Tuple[int, int], side: int, device: torch.device) -> Tensor:

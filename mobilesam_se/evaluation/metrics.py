@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Sequence
 import torch
 from torch import Tensor
 
-from mobilesam_se.matching import hungarian_match, mask_iou_matrix
+from mobilesam_se.matching import mask_nms, hungarian_match, mask_iou_matrix
 
 NAN = float("nan")
 MEAN_KEYS = ("dice", "iou", "recall", "precision")
@@ -22,21 +22,6 @@ COUNT_KEYS = ("num_pred", "num_gt", "num_tp")
 def _ratio(num: int, den: int) -> float:
     """num / den, NaN when undefined (den == 0)."""
     return num / den if den > 0 else NAN
-
-
-def mask_nms(masks: Tensor, scores: Tensor, iou_thresh: float) -> Tensor:
-    """Indices (by descending score) of masks kept by greedy NMS: drop any mask whose IoU with a
-    higher-scoring kept mask exceeds iou_thresh (the torchvision / AMG convention, strict >)."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    iou = mask_iou_matrix(masks[order], masks[order]).cpu()
-    suppressed = torch.zeros(len(order), dtype=torch.bool)
-    keep: List[int] = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= iou[i] > iou_thresh
-    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def evaluate_image(
