@@ -10,7 +10,6 @@ Builds the parts with `hydra.utils.instantiate`, runs the trainer, logs to Weigh
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Dict
 
 import hydra

@@ -7,7 +7,6 @@ with every problem it finds for that record.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Generic, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
@@ -24,7 +23,7 @@ from mobilesam_se.transforms import preprocess_image, preprocess_shape
 logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
-R = TypeVar("R")
+R = TypeVar("R")  # a record: any dataclass with `image_id: str` and `image_path: Path`
 
 
 class MaskDataset(Dataset, Generic[R]):
@@ -89,12 +88,6 @@ class MaskDataset(Dataset, Generic[R]):
         """Good records and the problems found by listing files (no decoding)."""
         raise NotImplementedError
 
-    def _record_id(self, record: R) -> str:
-        raise NotImplementedError
-
-    def _record_path(self, record: R) -> Path:
-        raise NotImplementedError
-
     def _decode(self, record: R) -> Tuple[np.ndarray, np.ndarray]:
         """(H,W,3) uint8 RGB image and (K,H,W) bool masks, at most `max_masks_per_image` of them."""
         raise NotImplementedError
@@ -102,7 +95,7 @@ class MaskDataset(Dataset, Generic[R]):
     # ---- public API ---------------------------------------------------------------------------
     @property
     def ids(self) -> List[str]:
-        return [self._record_id(r) for r in self._records]
+        return [r.image_id for r in self._records]
 
     def __len__(self) -> int:
         return len(self._records)
@@ -172,8 +165,8 @@ class MaskDataset(Dataset, Generic[R]):
         if dropped is not None and dropped.any():
             ignore = torch.from_numpy(lowres_targets(dropped[None], input_hw, self.image_size)[0])
         return Sample(
-            image_id=self._record_id(record),
-            file_name=str(self._record_path(record)),
+            image_id=record.image_id,
+            file_name=str(record.image_path),
             image=preprocess_image(image, self.image_size),
             orig_size=(h, w),
             input_size=input_hw,

@@ -53,12 +53,6 @@ class CocoDataset(MaskDataset[CocoRecord]):
     def source(self) -> str:
         return str(self.annotation_file)
 
-    def _record_id(self, record: CocoRecord) -> str:
-        return record.image_id
-
-    def _record_path(self, record: CocoRecord) -> Path:
-        return record.image_path
-
     def _scan(self) -> Tuple[List[CocoRecord], List[Problem]]:
         if not self.image_dir.is_dir():
             raise DatasetError(Problem(self.image_dir, "image folder not found; check the path"))

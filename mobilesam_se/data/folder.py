@@ -51,12 +51,6 @@ class FolderDataset(MaskDataset[FolderRecord]):
     def source(self) -> str:
         return str(self.root)
 
-    def _record_id(self, record: FolderRecord) -> str:
-        return record.image_id
-
-    def _record_path(self, record: FolderRecord) -> Path:
-        return record.image_path
-
     # ---- indexing (file lists only) -----------------------------------------------------------
     def _scan(self) -> Tuple[List[FolderRecord], List[Problem]]:
         image_dir, mask_dir = self.root / "image", self.root / "mask"

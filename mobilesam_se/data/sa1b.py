@@ -37,12 +37,6 @@ class SA1BDataset(MaskDataset[SA1BRecord]):
     def source(self) -> str:
         return str(self.root)
 
-    def _record_id(self, record: SA1BRecord) -> str:
-        return record.image_id
-
-    def _record_path(self, record: SA1BRecord) -> Path:
-        return record.image_path
-
     def _scan(self) -> Tuple[List[SA1BRecord], List[Problem]]:
         if not self.root.is_dir():
             raise DatasetError(Problem(self.root, "SA-1B folder not found; check the path"))

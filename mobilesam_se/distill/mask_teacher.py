@@ -15,7 +15,7 @@ duplicates by greedy mask NMS at `nms_iou`. All at low resolution (S/4), the tar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ IoU threshold are reported too, to expose missed objects and spurious masks.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import Tensor

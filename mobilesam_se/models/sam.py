@@ -1,7 +1,7 @@
 """The promptable segmenter: image encoder + prompt encoder + mask decoder, with grid prediction."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
