@@ -296,7 +296,7 @@ class Trainer:
         if self.cfg.freeze.batchnorm_stats:
             freeze_batchnorm_stats(self.model)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.cfg.dataset.batch_size)
-        sums: Dict[str, float] = {}
+        sums: Dict[str, torch.Tensor] = {}  # on the device: no host sync per step
         count = 0
         accum = self.tcfg.grad_accum
         backward_done = 0  # micro-batches with a finite loss in the current accumulation window
@@ -320,7 +320,8 @@ class Trainer:
             self.batch_in_epoch += 1
             if loss is not None:
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                    v = v.detach().float().to(self.device)
+                    sums[k] = sums[k] + v if k in sums else v
                 count += 1
             if sync:
                 if backward_done == 0:  # every micro-batch of the window was non-finite: no step at all
@@ -336,10 +337,10 @@ class Trainer:
                         cur["train/lambda"] = self.distiller.lambda_coef
                     cur["epoch"] = self.epoch
                     self._log(cur)
-                bar.set_postfix(loss=f"{float(losses['loss'].detach()):.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+                    bar.set_postfix(loss=f"{cur['train/loss']:.4f}", lr=f"{cur['train/lr']:.2e}")
                 if self._should_stop_now():
                     break
-        means = {k: v / max(1, count) for k, v in sums.items()}
+        means = {k: float(v) / max(1, count) for k, v in sums.items()}
         return all_reduce_mean(means, self.dist, self.device)
 
     def _micro_per_epoch(self) -> int:
