@@ -86,7 +86,9 @@ class LossConfig:
     w_cls: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    iou_target: str = "assigned"
+    iou_target: str = "assigned"  # assigned | assigned_zero | best
+    iou_over: str = "all"  # all | assigned | fg: the candidates the IoU MSE averages over
+    cls_negatives: str = "all"  # all | no_duplicates
     fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
     point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
     point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]

@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
+from mobilesam_se.data.base import MaskDataset, stack_masks
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 
@@ -267,3 +268,64 @@ class SyntheticDataset(FolderDataset):
         parent = Path(root).expanduser() if root is not None else default_synthetic_dir()
         path = ensure_synthetic_dataset(parent / params.digest(), num_images, params.image_hw, params.seed, **options)
         super().__init__(path, **kwargs)
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    image_id: str
+    image_path: Path
+    index: int
+
+
+class SyntheticStreamDataset(MaskDataset[StreamRecord]):
+    """`num_images` fresh scenes per epoch, rendered in memory: scene i of epoch e depends only on
+    (seed, e, i), so runs repeat exactly and a resumed epoch sees the same scenes.
+
+    A fixed set of a few dozen scenes is memorised by a from-scratch model long before it learns
+    to segment (train recall 0.56 against val 0.11 after 180 epochs of 48 scenes); a stream of
+    distinct scenes costs a few milliseconds of drawing per image and removes that gap. The
+    trainer calls `set_epoch` before each epoch, as for a DistributedSampler.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 64,
+        image_hw: Tuple[int, int] = (256, 256),
+        split: str = "train",
+        seed: int = 0,
+        min_objects: int = 4,
+        max_objects: int = 12,
+        min_visible_fraction: float = 0.002,
+        **kwargs,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+        self.num_images = int(num_images)
+        self.image_hw = (int(image_hw[0]), int(image_hw[1]))
+        self.split = split
+        self.stream_seed = split_seed(seed, split)
+        self.scene_options = dict(min_objects=min_objects, max_objects=max_objects,
+                                  min_visible_fraction=min_visible_fraction)
+        self.epoch = 0
+        super().__init__(**kwargs)
+
+    @property
+    def source(self) -> str:
+        return f"synthetic stream (split {self.split}, seed {self.stream_seed})"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _scan(self) -> Tuple[List[StreamRecord], List]:
+        return [StreamRecord(f"{i:06d}", Path(f"stream-{self.split}/{i:06d}"), i) for i in range(self.num_images)], []
+
+    def _decode(self, record: StreamRecord) -> Tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, self.epoch, record.index]))
+        image, masks = render_scene(rng, _image_hw(rng, self.image_hw), **self.scene_options)
+        return image, stack_masks(masks, image.shape[:2])
+
+    def validate(self, progress: bool = False) -> List:
+        """Generated scenes have nothing to check; skipping the pass saves drawing a whole epoch."""
+        return []

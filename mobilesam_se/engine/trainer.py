@@ -98,6 +98,12 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal: Optional[int] = None  # the preemption signal that asked for the stop, if any
         self.history: List[Dict[str, float]] = []
+        # Loss sums of the epoch in progress (saved in last.ckpt, so a mid-epoch resume logs the
+        # epoch's mean over all of its batches, not only those after the resume).
+        self._epoch_sums: Dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
+        self._resumed_sums: Dict[str, float] = {}
+        self._resumed_count = 0
 
         frozen = [p for p in ("image_encoder", "prompt_encoder", "mask_decoder") if cfg.freeze[p]]
         self.frozen_parts = freeze_parts(self.model, frozen)
@@ -169,6 +175,8 @@ class Trainer:
             "nonfinite": self.nonfinite,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "history": self.history,
+            "epoch_sums": {k: float(v) for k, v in self._epoch_sums.items()} if self.batch_in_epoch else {},
+            "epoch_count": self._epoch_count if self.batch_in_epoch else 0,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -189,6 +197,8 @@ class Trainer:
         self.best_score, self.bad_validations = state["best_score"], state["bad_validations"]
         self.nonfinite = state["nonfinite"]
         self.history = list(state.get("history") or [])
+        self._resumed_sums = dict(state.get("epoch_sums") or {})
+        self._resumed_count = int(state.get("epoch_count") or 0)
         if self.distiller is not None and state.get("distiller") is not None:
             self.distiller.load_state_dict(state["distiller"])
         restore_rng(state["rng"])
@@ -296,8 +306,13 @@ class Trainer:
         if self.cfg.freeze.batchnorm_stats:
             freeze_batchnorm_stats(self.model)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.cfg.dataset.batch_size)
-        sums: Dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-        count = 0
+        if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
+            self.train_set.set_epoch(self.epoch)
+        # On the device (no host sync per step); a run resumed mid-epoch continues the sums it saved.
+        sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in self._resumed_sums.items()}
+        count = self._resumed_count
+        self._resumed_sums, self._resumed_count = {}, 0
+        self._epoch_sums, self._epoch_count = sums, count
         accum = self.tcfg.grad_accum
         backward_done = 0  # micro-batches with a finite loss in the current accumulation window
         bar = tqdm(self.loader, desc=f"epoch {self.epoch}", leave=False,
@@ -305,6 +320,9 @@ class Trainer:
         for batch in bar:
             micro_index = self.epoch * self._micro_per_epoch() + self.batch_in_epoch
             sync = (self.batch_in_epoch + 1) % accum == 0 or self.batch_in_epoch + 1 == self._micro_per_epoch()
+            # The last window of an epoch may be shorter: average over the micro-batches it has.
+            window_start = self.batch_in_epoch - self.batch_in_epoch % accum
+            window = min(accum, self._micro_per_epoch() - window_start)
             use_no_sync = self.dist.enabled and not sync and not self._manual_grad_sync
             ctx = self.wrapped.no_sync() if use_no_sync else contextlib.nullcontext()
             with ctx:
@@ -314,7 +332,7 @@ class Trainer:
                     self._nonfinite("loss")
                     loss = None
                 if loss is not None:
-                    scaled = loss / accum
+                    scaled = loss / window
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                     backward_done += 1
             self.batch_in_epoch += 1
@@ -323,6 +341,7 @@ class Trainer:
                     v = v.detach().float().to(self.device)
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
+                self._epoch_sums, self._epoch_count = sums, count
             if sync:
                 if backward_done == 0:  # every micro-batch of the window was non-finite: no step at all
                     self.optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from mobilesam_se.evaluation.metrics import aggregate, evaluate_image
+from mobilesam_se.evaluation.metrics import evaluate_image, summarize_views
 from mobilesam_se.matching import hungarian_match, mask_iou_matrix
 from mobilesam_se.transforms import postprocess_masks
 
@@ -60,7 +60,8 @@ def validate(
     """
     was_training = model.training
     model.eval()
-    per_image: List[Dict[str, float]] = []
+    all_views: List[Dict[str, float]] = []
+    filtered_views: List[Dict[str, float]] = []
     visuals: List[Dict[str, Any]] = []
     n_seen = 0
     bar = tqdm(loader, desc="val", leave=False, disable=not progress)
@@ -79,12 +80,8 @@ def validate(
             if evaluator is not None:
                 originals = batch.get("image_uint8")
                 evaluator.add(batch["image_id"][b], masks, s, gt, originals[b] if originals else None)
-            per_image.append({
-                "dice": everything["dice"], "iou": everything["iou"], "recall": everything["recall"],
-                "precision": filtered["precision"], "recall_filtered": filtered["recall"],
-                "num_tp": everything["num_tp"], "num_gt": everything["num_gt"], "num_pred": filtered["num_pred"],
-                "num_tp_filtered": filtered["num_tp"],
-            })
+            all_views.append(everything)
+            filtered_views.append(filtered)
             if len(visuals) < keep_visuals and batch.get("image_uint8") and batch["image_uint8"][b] is not None:
                 matched = _matched_masks(masks, gt)
                 m = masks.shape[0] // batch["points"].shape[1]
@@ -98,7 +95,7 @@ def validate(
             break
     if was_training:
         model.train()
-    metrics = aggregate(per_image) if per_image else {}
+    metrics = summarize_views(all_views, filtered_views) if all_views else {}
     if evaluator is not None:
         metrics.update(evaluator.summarize())
     return {k: float(v) for k, v in metrics.items()}, visuals
