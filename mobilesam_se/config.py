@@ -39,7 +39,8 @@ class DatasetConfig:
     name: str = MISSING
     # where the data is (which keys matter depends on the dataset option)
     root: Optional[str] = None
-    val_root: Optional[str] = None
+    val_root: Optional[str] = None  # null: validate on the training data, with a warning
+    val_is_train: bool = False  # set at start-up: the val split is the training data
     image_dir: Optional[str] = None
     annotation_file: Optional[str] = None
     val_image_dir: Optional[str] = None
@@ -74,6 +75,7 @@ class MatchingConfig:
     point_credit: float = 0.0  # added to the assignment score when the prompt lies in the object
     point_fg: bool = False  # an assigned pair whose prompt lies in the object is foreground
     point_supervision: bool = False  # also supervise each prompt's best candidate toward its object
+    allow_random_init: bool = False  # start the plain rule from random weights anyway (it cannot learn)
 
 
 @dataclass

@@ -98,6 +98,9 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
                          "allow_random=true evaluates a randomly initialised model")
     if cfg.split not in ("val", "train"):
         raise ValueError(f"split must be val or train, got {cfg.split!r}")
+    from mobilesam_se.setup import resolve_val_split
+
+    val_is_train = resolve_val_split(cfg) if cfg.split == "val" else False
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
         raise ValueError(f"dataset {cfg.dataset.name} has no {cfg.split} split")
@@ -128,6 +131,7 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
         "checkpoint": str(checkpoint) if checkpoint else None,
         "dataset": cfg.dataset.name,
         "split": cfg.split,
+        "val_is_train": val_is_train,
         "model": cfg.model.name,
         "device": str(device),
     }
