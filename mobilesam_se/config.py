@@ -90,7 +90,7 @@ class LossConfig:
     focal_gamma: float = 2.0
     iou_target: str = "assigned"  # assigned | assigned_zero | best
     iou_over: str = "all"  # all | assigned | fg: the candidates the IoU MSE averages over
-    cls_negatives: str = "all"  # all | no_duplicates
+    cls_term: str = "recipe"  # recipe | no_duplicates | off
     fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
     point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
     point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]
@@ -230,6 +230,8 @@ class TrainerConfig:
     # validations of every N-th epoch and the last one; 0: off (COCOeval and the AMG pass are slow)
     coco_eval_every: int = 0
     coco_eval_amg: bool = True  # also score the stock AMG output (a second pass over each image)
+    tune_amg: bool = True  # at the end, tune the AMG thresholds for best.pt on val (best.amg.yaml)
+    tune_max_images: Optional[int] = None  # val images the tuning decodes (null: all)
 
 
 @dataclass

@@ -237,11 +237,19 @@ def test_iou_over_selects_the_candidates_of_the_mse():
 
 def test_cls_without_duplicate_negatives():
     logits, pred_iou, gt = scene()  # c1 is background but a good duplicate of A (IoU 0.8)
-    recipe = EverythingLoss(cls_negatives="all")(logits, pred_iou, gt)["cls"].item()
+    recipe = EverythingLoss(cls_term="recipe")(logits, pred_iou, gt)["cls"].item()
     assert recipe == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
-    no_dup = EverythingLoss(cls_negatives="no_duplicates")
+    no_dup = EverythingLoss(cls_term="no_duplicates")
     out = no_dup(logits, pred_iou, gt)
     assert out["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.7)) / 2, rel=1e-5)
     out["loss"].backward()
     # c1 still gets the MSE's gradient toward its real IoU (0.8 > 0.5: pushed up, not down).
     assert pred_iou.grad[1, 0] < 0
+
+
+def test_cls_term_off_is_zero_but_keeps_the_graph():
+    logits, pred_iou, gt = scene()
+    out = EverythingLoss(cls_term="off")(logits, pred_iou, gt)
+    assert out["cls"].item() == 0.0 and out["cls"].requires_grad
+    with pytest.raises(ValueError, match="loss.cls_term"):
+        EverythingLoss(cls_term="all")

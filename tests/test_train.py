@@ -105,7 +105,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
 
 
 def test_outputs_checkpoints_and_visuals(tmp_path):
-    trainer, res = fit(["matching=bootstrap"], tmp_path)
+    trainer, res = fit(["matching=bootstrap", "trainer.tune_amg=true"], tmp_path)
     ck = tmp_path / "checkpoints"
     state = read_checkpoint(ck / "last.ckpt")  # weights_only load works
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "lambda", "best_score", "wandb_run_id"):
@@ -117,6 +117,11 @@ def test_outputs_checkpoints_and_visuals(tmp_path):
     assert len((ck / "training_log.txt").read_text().splitlines()) == 2
     assert list((tmp_path / "vis").glob("epoch_*/*.png"))
     assert (tmp_path / "config_resolved.yaml").exists()
+    from mobilesam_se.inference.thresholds import TUNED_KEYS, read_tuned
+
+    tuned = read_tuned(ck / "best.pt")  # the AMG thresholds tuned for the final best.pt
+    assert tuned is not None and set(tuned) == set(TUNED_KEYS)
+    assert all(0.0 < v <= 1.0 for v in tuned.values())
 
 
 def test_run_py_command_line_with_wandb_offline(tmp_path):

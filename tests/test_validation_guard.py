@@ -54,3 +54,14 @@ def test_calibration_summary_is_the_plain_means():
     assert m["calibration/gap"] == pytest.approx(0.1375)
     assert m["calibration/pred_above_88"] == pytest.approx(0.5) and m["calibration/true_above_88"] == pytest.approx(0.25)
     assert m["amg/masks_per_image"] == pytest.approx(0.5) and m["amg/recall"] == pytest.approx(0.5)
+
+
+def test_calibration_warning_only_past_the_gap():
+    from mobilesam_se.engine.trainer import calibration_warning
+
+    m = {"calibration/mean_pred_iou": 0.085, "calibration/mean_true_iou": 0.32, "calibration/gap": 0.235,
+         "calibration/pred_above_88": 0.0, "calibration/true_above_88": 0.02, "amg/masks_per_image": 0.0}
+    text = calibration_warning(m, 7)
+    assert text and "epoch 7" in text and "0.085" in text and "0.320" in text and "0.0 masks per image" in text
+    assert calibration_warning(dict(m, **{"calibration/gap": 0.05}), 7) is None
+    assert calibration_warning({}, 0) is None

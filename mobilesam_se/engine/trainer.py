@@ -36,6 +36,26 @@ from mobilesam_se.visual import overlay_masks_on_image, save_rgb, side_by_side
 log = logging.getLogger(__name__)
 
 
+# Validation warns when |mean predicted IoU - mean true IoU| exceeds this.
+CALIBRATION_GAP_WARN = 0.1
+
+
+def calibration_warning(metrics: Dict[str, float], epoch: int) -> Optional[str]:
+    """The warning of the calibration guard, or None: the IoU head must stay an IoU estimate the
+    stock AMG thresholds (pred_iou_thresh 0.88) can use."""
+    gap = metrics.get("calibration/gap", float("nan"))
+    if not gap > CALIBRATION_GAP_WARN:
+        return None
+    return (
+        f"epoch {epoch}: the IoU head is miscalibrated: mean predicted IoU {metrics['calibration/mean_pred_iou']:.3f} "
+        f"vs true {metrics['calibration/mean_true_iou']:.3f} (gap {gap:.3f} > {CALIBRATION_GAP_WARN:.2f}); "
+        f"{100 * metrics.get('calibration/pred_above_88', float('nan')):.1f}% of candidates predicted above 0.88 vs "
+        f"{100 * metrics.get('calibration/true_above_88', float('nan')):.1f}% truly above; the stock AMG keeps "
+        f"{metrics.get('amg/masks_per_image', float('nan')):.1f} masks per image. See loss.iou_over / "
+        "loss.cls_term (README, Loss)."
+    )
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -409,6 +429,38 @@ class Trainer:
             metrics.update({f"prompted/{k}": v for k, v in prompted.items()})
         return all_reduce_mean(metrics, self.dist, self.device) if self.dist.enabled else metrics, vis
 
+    def _calibration_guard(self, metrics: Dict[str, float]) -> None:
+        message = calibration_warning(metrics, self.epoch)
+        if message and self.dist.is_main:
+            log.warning(message)
+
+    def _tune_amg(self) -> Dict[str, float]:
+        """AMG thresholds that fit the final best.pt, written beside it (best.amg.yaml), so that
+        `segment` and `evaluate` use values this model's IoU head can pass (stock: generator.tuned=false)."""
+        best = self.ckpt_dir / "best.pt"
+        if self.val_set is None or len(self.val_set) == 0 or not best.is_file():
+            return {}
+        from hydra.utils import instantiate
+
+        from mobilesam_se.evaluation.tuning import tune_amg_thresholds
+        from mobilesam_se.inference.thresholds import write_tuned
+        from mobilesam_se.models.checkpoint import load_model_weights
+
+        model = instantiate(OmegaConf.merge(self.cfg.model.net, {"checkpoint": None}))
+        load_model_weights(model, best)
+        result = tune_amg_thresholds(
+            model, self.val_set, self.device, multimask_output=self.cfg.model.multimask_output,
+            points_per_batch=self.cfg.model.points_per_batch, max_images=self.tcfg.get("tune_max_images"),
+            progress=self.tcfg.progress,
+        )
+        path = write_tuned(best, result.best, {"objective": result.objective, "split": "val",
+                                               "num_images": result.num_images, "stock": result.stock, "tuned": result.tuned})
+        log.info("AMG thresholds for best.pt -> %s\n%s", path, result.summary())
+        out = {f"amg_tuned/{k}": v for k, v in result.best.items()}
+        out.update({f"amg_tuned/{k}": v for k, v in result.tuned.items()})
+        out.update({f"amg_stock/{k}": v for k, v in result.stock.items()})
+        return out
+
     def _save_visuals(self, visuals: List[Dict[str, Any]]) -> None:
         if not visuals or not self.dist.is_main:
             return
@@ -476,6 +528,7 @@ class Trainer:
                 n_vis = self.cfg.visual.num_images if self.dist.is_main else 0
                 metrics, visuals = self._validate(n_vis)
                 record.update({f"val/{k}": v for k, v in metrics.items()})
+                self._calibration_guard(metrics)
                 score = metrics.get(self.tcfg.monitor, float("nan"))
                 improved = not math.isnan(score) and score > self.best_score
                 if improved:
@@ -508,7 +561,11 @@ class Trainer:
             if self._agree_on_stop():
                 break
         barrier(self.dist)
+        summary = {"best/" + self.tcfg.monitor: self.best_score, "epochs": self.epoch, "steps": self.step}
+        finished = self.epoch >= self.tcfg.max_epochs or stopped_early
+        if finished and self.dist.is_main and self.tcfg.get("tune_amg", False):
+            summary.update(self._tune_amg())
         if self.logger is not None:
-            self.logger.summary({"best/" + self.tcfg.monitor: self.best_score, "epochs": self.epoch, "steps": self.step})
+            self.logger.summary(summary)
         return {"best_score": self.best_score, "epoch": self.epoch, "step": self.step, "history": self.history,
                 "stopped_early": stopped_early, "stopped": self.stop_requested}

@@ -12,7 +12,7 @@ from mobilesam_se.matching import MatchResult, match_candidates, point_in_masks
 TERMS = ("bce", "focal", "dice", "iou", "cls")
 IOU_TARGETS = ("assigned", "assigned_zero", "best")
 IOU_OVER = ("all", "assigned", "fg")
-CLS_NEGATIVES = ("all", "no_duplicates")
+CLS_TERMS = ("recipe", "no_duplicates", "off")
 
 
 class EverythingLoss(nn.Module):
@@ -29,10 +29,10 @@ class EverythingLoss(nn.Module):
       removes duplicates); an assignment at IoU 0 (Hungarian filler for an object nobody overlaps)
       does not count as one. "assigned_zero" is the strict recipe (unassigned: 0); "best" uses the
       best IoU for every candidate.
-    - cls: `iou_confidence_bce` of the predicted IoU against the foreground label. Its negatives
-      (`cls_negatives`) are every non-foreground candidate ("all", the recipe) or those that are
-      not good duplicates ("no_duplicates": a candidate with IoU >= fg_iou with some object is left
-      out, since BCE toward 0 there fights the MSE toward its real IoU).
+    - cls: `iou_confidence_bce` of the predicted IoU against the foreground label (`cls_term`):
+      "recipe" takes every non-foreground candidate as a negative; "no_duplicates" leaves out the
+      good duplicates (IoU >= fg_iou with some object), since BCE toward 0 there fights the MSE
+      toward their real IoU; "off" drops the term (it is logged as 0).
     loss = sum of w_term * term, and the dict's terms are exactly those summed.
     """
 
@@ -51,15 +51,15 @@ class EverythingLoss(nn.Module):
         iou_target: str = "assigned",
         point_supervision: bool = False,
         iou_over: str = "all",
-        cls_negatives: str = "all",
+        cls_term: str = "recipe",
     ) -> None:
         super().__init__()
         for key, value, allowed in (("iou_target", iou_target, IOU_TARGETS), ("iou_over", iou_over, IOU_OVER),
-                                    ("cls_negatives", cls_negatives, CLS_NEGATIVES)):
+                                    ("cls_term", cls_term, CLS_TERMS)):
             if value not in allowed:
                 raise ValueError(f"loss.{key} must be one of {allowed}, got {value!r}")
         self.iou_over = iou_over
-        self.cls_negatives = cls_negatives
+        self.cls_term = cls_term
         self.weights = {"bce": w_bce, "focal": w_focal, "dice": w_dice, "iou": w_iou, "cls": w_cls}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -163,8 +163,10 @@ class EverythingLoss(nn.Module):
         return match.fg.clone()
 
     def _cls_rows(self, match: MatchResult) -> Tensor:
-        if self.cls_negatives == "all":
+        if self.cls_term == "recipe":
             return torch.ones_like(match.fg)
+        if self.cls_term == "off":
+            return torch.zeros_like(match.fg)
         return match.fg | (match.best_iou < self.fg_iou)
 
     def _iou_target(self, match: MatchResult) -> Tensor:
