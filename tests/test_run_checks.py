@@ -59,3 +59,39 @@ def test_the_run_records_val_is_train_in_its_config(tmp_path):
     finally:
         cleanup()
     assert "val_is_train: true" in (tmp_path / "run" / "config_resolved.yaml").read_text()
+
+
+def test_standin_finetune_starts_from_the_checkpoint_with_the_plain_rule(tmp_path):
+    """A short version of experiments/finetune_standin: pre-train, then fine-tune that best.pt with
+    matching=default on scenes of another seed. The fine-tune must start from the pre-trained
+    weights (not random ones), use the plain rule, and validate on the other seed's scenes."""
+    import torch
+
+    from mobilesam_se.models.checkpoint import read_checkpoint
+
+    pre_dir = tmp_path / "pre"
+    cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1"])
+    trainer, cleanup = build_run(cfg, out_dir=pre_dir)
+    try:
+        trainer.fit()
+    finally:
+        cleanup()
+    best = pre_dir / "checkpoints" / "best.pt"
+    ft = compose_cfg(TINY_RUN + ["experiment=finetune_standin", f"model.checkpoint={best}", "trainer.max_epochs=1",
+                                 "trainer.val_every=1", "trainer.lr=0.0"])
+    assert ft.matching.point_credit == 0.0 and not ft.matching.point_fg and ft.seed == 1
+    trainer, cleanup = build_run(ft, out_dir=tmp_path / "ft")
+    try:
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        trainer.fit()
+    finally:
+        cleanup()
+    pre = read_checkpoint(best)
+    ours = {k: v for k, v in start.items() if k in pre}
+    assert ours and all(torch.equal(ours[k], pre[k].to(ours[k].dtype)) for k in ours)
+    from hydra.utils import instantiate
+
+    seed0_val = instantiate(compose_cfg(TINY_RUN).dataset.val)
+    assert trainer.val_set.root != seed0_val.root  # other validation scenes (seed 1)
+    assert not torch.equal(trainer.val_set[0].image, seed0_val[0].image)
+    assert (tmp_path / "ft" / "checkpoints" / "training_log.txt").exists()

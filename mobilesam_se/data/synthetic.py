@@ -25,7 +25,7 @@ from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 
 # Bump when the drawing code changes, so cached datasets are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 
@@ -105,6 +105,14 @@ def _shape(rng: np.random.Generator, h: int, w: int, object_size: Tuple[float, f
     return canvas.astype(bool)
 
 
+def _bbox(mask: np.ndarray) -> Tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of the True pixels, half-open; a 1x1 box at the origin for an empty mask."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return 0, 1, 0, 1
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def _owner_map(shapes: List[np.ndarray], hw: Tuple[int, int]) -> np.ndarray:
     """Index of the front-most shape at each pixel (-1: background); later shapes are in front."""
     owner = np.full(hw, -1, dtype=np.int32)
@@ -130,7 +138,9 @@ def render_scene(
     if not 0 < object_size[0] <= object_size[1]:
         raise ValueError(f"object_size must be 0 < min <= max, got {tuple(object_size)}")
     shapes = [_shape(rng, h, w, tuple(object_size)) for _ in range(n)]
-    textures = [_texture(rng, yy, xx) for _ in range(n)]
+    # Each texture is drawn over its shape's bounding box only (in image coordinates), not the image.
+    boxes = [_bbox(shape) for shape in shapes]
+    textures = [_texture(rng, yy[y0:y1, x0:x1], xx[y0:y1, x0:x1]) for (y0, y1, x0, x1) in boxes]
     min_area = max(16, round(min_visible_fraction * h * w))
     areas = np.bincount(_owner_map(shapes, hw).ravel() + 1, minlength=n + 1)[1:]
     kept = [k for k in range(n) if areas[k] >= min_area]
@@ -141,7 +151,8 @@ def render_scene(
     masks = []
     for j, k in enumerate(kept):
         visible = owner == j
-        image[visible] = textures[k][visible]
+        y0, y1, x0, x1 = boxes[k]
+        image[y0:y1, x0:x1][visible[y0:y1, x0:x1]] = textures[k][visible[y0:y1, x0:x1]]
         masks.append(visible)
     # Mild sensor noise, so flat regions are not trivially separable by exact colour.
     image = np.clip(image.astype(np.int16) + rng.integers(-4, 5, size=(h, w, 1), dtype=np.int16), 0, 255)
