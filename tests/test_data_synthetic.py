@@ -94,3 +94,12 @@ def test_stream_gives_fresh_repeatable_scenes_per_epoch():
     assert a.validate() == []
     val = SyntheticStreamDataset(split="val", **kw)
     assert not torch.equal(val[0].image, first[0].image)  # splits use independent seeds
+
+
+def test_stream_ids_name_the_epoch():
+    from mobilesam_se.data.synthetic import SyntheticStreamDataset
+
+    ds = SyntheticStreamDataset(num_images=2, image_hw=(32, 40), image_size=64, grid_points=2)
+    first = (ds[1].image_id, ds[1].file_name)
+    ds.set_epoch(3)
+    assert ds[1].image_id != first[0] and ds[1].file_name != first[1] and "0003" in ds[1].image_id

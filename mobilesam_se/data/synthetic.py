@@ -343,9 +343,14 @@ class SyntheticStreamDataset(MaskDataset[StreamRecord]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        # Ids and paths name the scene (epoch and index): anything keyed by them (a teacher-embedding
+        # cache, picture file names) never mistakes one epoch's scene for another's.
+        self._records = self._scan()[0]
 
     def _scan(self) -> Tuple[List[StreamRecord], List]:
-        return [StreamRecord(f"{i:06d}", Path(f"stream-{self.split}/{i:06d}"), i) for i in range(self.num_images)], []
+        e = getattr(self, "epoch", 0)
+        return [StreamRecord(f"e{e:04d}_{i:06d}", Path(f"stream-{self.split}/epoch{e:04d}/{i:06d}"), i)
+                for i in range(self.num_images)], []
 
     def _decode(self, record: StreamRecord) -> Tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, self.epoch, record.index]))
