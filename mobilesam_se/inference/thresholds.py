@@ -36,6 +36,7 @@ def write_tuned(checkpoint: str | os.PathLike, thresholds: Dict[str, float], inf
         with os.fdopen(fd, "w") as f:
             f.write("# AMG thresholds tuned for " + Path(checkpoint).name + " (python -m mobilesam_se.tune)\n")
             yaml.safe_dump(body, f, sort_keys=False)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of a shared run directory
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
