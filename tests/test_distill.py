@@ -367,7 +367,7 @@ def test_replace_gt_targets_from_a_hand_made_teacher():
     areas = sorted(int(m.sum()) for m in targets[2:])
     assert areas == [half * half] * 3 + [side * side]
     assert out["image"] is batch["image"] and batch["masks_lowres"][0] is gt  # the input batch is untouched
-    assert d._target_stats == {"replaced": 1.0, "added": 4.0}
+    assert d._target_stats == {"replaced": 1.0, "added": 4.0, "duplicates": 0.0}
 
 
 def test_dual_supervision_adds_a_soft_loss_toward_teacher_masks():
