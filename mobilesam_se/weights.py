@@ -43,6 +43,10 @@ CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 
 
+class CheckpointNotFound(UserError, FileNotFoundError):
+    """A checkpoint value that is neither a known name nor an existing file."""
+
+
 @dataclass(frozen=True)
 class WeightsEntry:
     name: str
@@ -234,7 +238,8 @@ def resolve_many(values: Sequence[Optional[str]], root: Optional[str] = None, pr
             path = Path(value).expanduser()
             if not path.is_file():
                 names = ", ".join(sorted(entries))
-                raise UserError(f"checkpoint {value}: no such file (names that download the official weights: {names})")
+                raise CheckpointNotFound(f"checkpoint not found: {value} (a file, or a name that downloads the "
+                                         f"official weights: {names})")
             out.append(str(path))
             continue
         entry = entries[value]

@@ -145,7 +145,7 @@ def test_local_paths_still_work_and_a_missing_one_names_it(tmp_path):
     f.write_bytes(b"x")
     assert weights.resolve(str(f)) == str(f)
     assert weights.resolve(None) is None
-    with pytest.raises(UserError, match="nope.pt: no such file.*sam_vit_h"):
+    with pytest.raises(UserError, match="checkpoint not found: .*nope.pt.*sam_vit_h"):
         weights.resolve(str(tmp_path / "nope.pt"))
 
 
