@@ -46,6 +46,18 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+def _require_paths(cfg: DictConfig, split: str, node: DictConfig) -> None:
+    """A dataset path left unset names the key the user sets (e.g. dataset.root), not a TypeError."""
+    from mobilesam_se.errors import UserError
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    for key in ("root", "image_dir", "annotation_file"):
+        if key in node and node.get(key) is None:
+            value = raw.get(key)
+            src = value[2:-1] if isinstance(value, str) and value.startswith("${") else f"dataset.{split}.{key}"
+            raise UserError(f"{src} is not set (dataset={cfg.dataset.name}): pass {src}=<path> on the command line")
+
+
 def build_datasets(cfg: DictConfig, progress: bool = False):
     """Index both splits, then check every sample (cached per dataset version, see data/checks.py).
 
@@ -62,11 +74,12 @@ def build_datasets(cfg: DictConfig, progress: bool = False):
         if node is None:
             sets[name] = None
             continue
+        _require_paths(cfg, name, node)
         ds = instantiate(node, on_error="skip")
         found = check_dataset(ds, progress=progress, cache_dir=cfg.dataset.get("check_cache"))
         if found and cfg.dataset.on_error != "raise":
             log.warning("%s set: skipped %d bad sample(s); first: %s", name, len(found), found[0])
-        problems += found
+        problems += [p for p in found if p not in problems]  # val may be the train folder: each problem once
         ds.on_error = cfg.dataset.on_error
         sets[name] = ds
     if problems and cfg.dataset.on_error == "raise":

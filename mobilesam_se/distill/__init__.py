@@ -105,8 +105,8 @@ def check_distillation(cfg: DictConfig) -> List[TeacherSpec]:
             log.warning("distillation.tiny_teacher=true: distilling from a RANDOM tiny teacher (%s) -- a smoke test, "
                         "not distillation; set the teachers' checkpoints for a real run", spec.name)
         elif image_size < NATIVE_SIZE:
-            log.warning("teacher %r (%s) runs at model.image_size=%d, below its native %d: its position embeddings "
-                        "are interpolated and its outputs are not the official model's; set model.image_size=%d",
+            log.warning("teacher %r (%s) runs at model.image_size=%d, below its native %d: its position encodings "
+                        "are resized and its outputs are not the official model's; set model.image_size=%d",
                         spec.name, spec.model, image_size, NATIVE_SIZE, NATIVE_SIZE)
     return specs
 
