@@ -151,10 +151,12 @@ class MaskDataset(Dataset, Generic[R]):
 
     def drop_bad(self, bad: Dict[int, List[Problem]]) -> None:
         """on_error="skip": drop these samples from the index and record their problems."""
-        if self.on_error != "skip" or not bad:
+        if self.on_error != "skip":
             return
         for i, problems in bad.items():
             self._mark_bad(i, problems, log=False)
+        if not self._bad:  # also those __getitem__ already met
+            return
         logger.warning("%s: dropped %d unreadable image(s) from the index", self.source, len(self._bad))
         self._records = [r for i, r in enumerate(self._records) if i not in self._bad]
         self._bad = set()
