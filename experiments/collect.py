@@ -45,6 +45,7 @@ class RunResult:
     status: str = "missing"
     path: str = ""
     curve: List[Tuple[int, float]] = field(default_factory=list)  # (epoch, metric)
+    extra: Dict[str, float] = field(default_factory=dict)  # --extra keys: their final values
 
 
 # -- offline ------------------------------------------------------------------------------------
@@ -88,7 +89,20 @@ def _read_last(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def collect_run(run_dir: Path, metric: Optional[str] = None) -> RunResult:
+def _tuned_amg(run_dir: Path) -> Dict[str, float]:
+    """Stock and tuned AMG scores of the final best.pt, from checkpoints/best.amg.yaml (trainer.tune_amg)."""
+    f = run_dir / "checkpoints" / "best.amg.yaml"
+    if not f.exists():
+        return {}
+    info = (yaml.safe_load(f.read_text()) or {}).get("info") or {}
+    out = {}
+    for which in ("stock", "tuned"):
+        for k, v in (info.get(which) or {}).items():
+            out[f"amg_{which}/{k}"] = _num(v)
+    return out
+
+
+def collect_run(run_dir: Path, metric: Optional[str] = None, extra: Sequence[str] = ()) -> RunResult:
     cfg = yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) if (run_dir / "config_resolved.yaml").exists() else {}
     ov_file = run_dir / ".hydra" / "overrides.yaml"
     params = _parse_overrides(yaml.safe_load(ov_file.read_text()) or []) if ov_file.exists() else {}
@@ -109,6 +123,10 @@ def collect_run(run_dir: Path, metric: Optional[str] = None) -> RunResult:
     else:
         return res
     res.curve = [(int(h.get("epoch", i)), _num(h[metric])) for i, h in enumerate(history) if metric in h]
+    tuned = _tuned_amg(run_dir)
+    for key in extra:
+        vals = [_num(h[key]) for h in history if key in h]
+        res.extra[key] = vals[-1] if vals else tuned.get(key, math.nan)
     values = [v for _, v in res.curve if not math.isnan(v)]
     res.final = values[-1] if values else math.nan
     if metric == f"val/{monitor}" and math.isfinite(best_score):
@@ -153,8 +171,8 @@ def swept_keys(results: Sequence[RunResult], hinted: Sequence[str] = ()) -> List
     return keys
 
 
-def collect_offline(sweep_dir: Path, metric: Optional[str] = None) -> Tuple[List[RunResult], List[str]]:
-    results = [collect_run(d, metric) for d in job_dirs(sweep_dir)]
+def collect_offline(sweep_dir: Path, metric: Optional[str] = None, extra: Sequence[str] = ()) -> Tuple[List[RunResult], List[str]]:
+    results = [collect_run(d, metric, extra) for d in job_dirs(sweep_dir)]
     return results, swept_keys(results, sweeper_keys(sweep_dir))
 
 
@@ -204,9 +222,12 @@ def _fmt(v: float) -> str:
 
 def table_rows(results: Sequence[RunResult], keys: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
     metric = results[0].metric if results else "metric"
-    header = ["job", *keys, f"best {metric}", f"final {metric}", "epochs", "steps", "status", "path"]
-    rows = [[r.job, *[r.params.get(k, "") for k in keys], _fmt(r.best), _fmt(r.final), str(r.epochs), str(r.steps),
-             r.status, r.path] for r in results]
+    extra = list(dict.fromkeys(k for r in results for k in r.extra))
+    header = ["job", *keys, f"best {metric}", f"final {metric}", *[f"final {k}" for k in extra], "epochs", "steps",
+              "status", "path"]
+    rows = [[r.job, *[r.params.get(k, "") for k in keys], _fmt(r.best), _fmt(r.final),
+             *[_fmt(r.extra.get(k, math.nan)) for k in extra], str(r.epochs), str(r.steps), r.status, r.path]
+            for r in results]
     return header, rows
 
 
@@ -277,6 +298,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--source", choices=("auto", "offline", "wandb"), default="auto",
                    help="auto: W&B when it is set up and has the group's runs, else the run directories")
     p.add_argument("--metric", default=None, help="history key to report (default: val/<trainer.monitor>)")
+    p.add_argument("--extra", default="", help="comma-separated history keys whose final values become columns "
+                   "(e.g. val/recall,val/calibration/gap; amg_tuned/AR_100 and amg_stock/AR_100 come from best.amg.yaml)")
     p.add_argument("--group", default=None, help="W&B group (default: logger.group of the sweep's jobs)")
     p.add_argument("--project", default="mobilesam-se")
     p.add_argument("--entity", default=None)
@@ -309,7 +332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not results:
         if args.sweep_dir is None or not args.sweep_dir.is_dir():
             p.error(f"not a directory: {args.sweep_dir}")
-        results, keys = collect_offline(args.sweep_dir, args.metric)
+        results, keys = collect_offline(args.sweep_dir, args.metric, [k for k in args.extra.split(",") if k])
     if not results:
         print(f"no runs found in {args.sweep_dir}", file=sys.stderr)
         return 1

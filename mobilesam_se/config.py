@@ -39,7 +39,8 @@ class DatasetConfig:
     name: str = MISSING
     # where the data is (which keys matter depends on the dataset option)
     root: Optional[str] = None
-    val_root: Optional[str] = None
+    val_root: Optional[str] = None  # null: validate on the training data, with a warning
+    val_is_train: bool = False  # set at start-up: the val split is the training data
     image_dir: Optional[str] = None
     annotation_file: Optional[str] = None
     val_image_dir: Optional[str] = None
@@ -75,6 +76,7 @@ class MatchingConfig:
     point_credit: float = 0.0  # added to the assignment score when the prompt lies in the object
     point_fg: bool = False  # an assigned pair whose prompt lies in the object is foreground
     point_supervision: bool = False  # also supervise each prompt's best candidate toward its object
+    allow_random_init: bool = False  # start the plain rule from random weights anyway (it cannot learn)
 
 
 @dataclass
@@ -87,7 +89,9 @@ class LossConfig:
     w_cls: float = 1.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    iou_target: str = "assigned"
+    iou_target: str = "assigned"  # assigned | assigned_zero | best
+    iou_over: str = "all"  # all | assigned | fg: the candidates the IoU MSE averages over
+    cls_term: str = "recipe"  # recipe | no_duplicates | off
     fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
     point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
     point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]
@@ -227,6 +231,8 @@ class TrainerConfig:
     # validations of every N-th epoch and the last one; 0: off (COCOeval and the AMG pass are slow)
     coco_eval_every: int = 0
     coco_eval_amg: bool = True  # also score the stock AMG output (a second pass over each image)
+    tune_amg: bool = True  # at the end, tune the AMG thresholds for best.pt on val (best.amg.yaml)
+    tune_max_images: Optional[int] = None  # val images the tuning decodes (null: all)
 
 
 @dataclass

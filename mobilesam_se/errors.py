@@ -21,6 +21,10 @@ class UserError(Exception):
     """Bad input (config, data, checkpoint, missing download): the message says what and how to fix it."""
 
 
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; also a ValueError, for callers that catch those."""
+
+
 def debug_enabled() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "MOBILESAM_SE_DEBUG"))
 
@@ -77,4 +81,4 @@ def report_user_errors(fn: Optional[F] = None, *, extra: Tuple[Type[BaseExceptio
     return wrap(fn) if fn is not None else wrap
 
 
-__all__ = ["UserError", "report_user_errors", "find_user_error", "debug_enabled", "EXIT_USER_ERROR"]
+__all__ = ["UserError", "ConfigError", "report_user_errors", "find_user_error", "debug_enabled", "EXIT_USER_ERROR"]

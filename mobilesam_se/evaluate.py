@@ -31,6 +31,7 @@ class GeneratorConfig:
     """`EverythingGenerator` options for the AMG-filtered evaluation; null: the generator's default."""
 
     enabled: bool = True
+    tuned: bool = True  # use <checkpoint stem>.amg.yaml beside the checkpoint when present (python -m mobilesam_se.tune)
     points_per_side: Optional[int] = "${dataset.grid_points}"  # type: ignore[assignment]  # the same grid as (a)
     points_per_batch: Optional[int] = "${model.points_per_batch}"  # type: ignore[assignment]
     pred_iou_thresh: Optional[float] = 0.88
@@ -79,6 +80,7 @@ def generator_kwargs(gcfg: Any) -> Optional[Dict[str, Any]]:
     g = OmegaConf.to_container(gcfg, resolve=True) if isinstance(gcfg, DictConfig) else dict(gcfg)
     if not g.pop("enabled", True):
         return None
+    g.pop("tuned", None)
     extra = g.pop("extra", None) or {}
     g = {k: v for k, v in g.items() if v is not None}
     g.update(extra)
@@ -102,6 +104,9 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
                         "allow_random=true evaluates a randomly initialised model")
     if cfg.split not in ("val", "train"):
         raise UserError(f"split must be val or train, got split={cfg.split}")
+    from mobilesam_se.setup import resolve_val_split
+
+    val_is_train = resolve_val_split(cfg) if cfg.split == "val" else False
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
         raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split (set split=train or another dataset=)")
@@ -133,9 +138,18 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
         "checkpoint": str(checkpoint) if checkpoint else None,
         "dataset": cfg.dataset.name,
         "split": cfg.split,
+        "val_is_train": val_is_train,
         "model": cfg.model.name,
         "device": str(device),
     }
+    gen_kwargs = generator_kwargs(cfg.generator)
+    if gen_kwargs is not None:
+        from mobilesam_se.inference.thresholds import apply_tuned, explicit_generator_keys
+
+        gen_kwargs, tuned_file = apply_tuned(gen_kwargs, checkpoint, bool(cfg.generator.get("tuned", True)),
+                                             explicit_generator_keys())
+        info["amg_thresholds"] = f"tuned ({tuned_file.name})" if tuned_file else "stock"
+        info["amg_params"] = {k: gen_kwargs.get(k) for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")}
     report = evaluate_everything(
         model, dataset, device,
         multimask_output=cfg.model.multimask_output,
@@ -144,7 +158,7 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
         num_workers=cfg.dataset.num_workers,
         autocast_dtype=resolve_autocast(cfg.precision, device),
         max_images=max_images,
-        generator=generator_kwargs(cfg.generator),
+        generator=gen_kwargs,
         calibration_bins=cfg.calibration.bins,
         survive=list(cfg.calibration.survive),
         max_dets=list(cfg.max_dets),

@@ -11,9 +11,12 @@ keeps Hydra from changing it or writing its own files). Config: conf/segment.yam
 """
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Dict, List
+
+log = logging.getLogger("segment")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -75,6 +78,14 @@ def run(cfg) -> List[Path]:
     ckpt, src, out_dir = Path(resolve(cfg.checkpoint, cfg.get("weights_dir"))), Path(cfg.input), Path(cfg.output)
     files = find_images(src, bool(cfg.get("recursive", False)))
     gen_kwargs = OmegaConf.to_container(cfg.generator, resolve=True)
+    from mobilesam_se.inference.thresholds import apply_tuned, explicit_generator_keys
+
+    # Thresholds tuned for this checkpoint (best.amg.yaml) unless generator.tuned=false; typed values win.
+    gen_kwargs, tuned_file = apply_tuned(gen_kwargs, cfg.checkpoint, bool(gen_kwargs.pop("tuned", True)),
+                                         explicit_generator_keys())
+    if tuned_file is not None:
+        log.info("AMG thresholds from %s: %s", tuned_file,
+                 {k: gen_kwargs[k] for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")})
     if gen_kwargs.get("output_mode", "coco_rle") != "coco_rle":
         raise ValueError("generator.output_mode must be coco_rle (the JSON holds COCO RLEs)")
     device = resolve_device(cfg.device)

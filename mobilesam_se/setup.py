@@ -46,6 +46,56 @@ def output_dir(cfg: DictConfig) -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
 
 
+# A dataset group's validation keys and the training keys they fall back to.
+VAL_FALLBACK = {"val_root": "root", "val_image_dir": "image_dir", "val_annotation_file": "annotation_file"}
+
+
+def resolve_val_split(cfg: DictConfig) -> bool:
+    """Fill unset validation paths (dataset.val_root, ...) with the training ones, loudly.
+
+    Validating on the training data hides overfitting, so it is never silent: a warning at
+    start-up, and `dataset.val_is_train: true` in the config (config_resolved.yaml, W&B). Setting
+    the val keys to the training paths on purpose (dataset.val_root=${dataset.root}) gives no
+    warning but is recorded the same way. Returns whether val is the training data.
+    """
+    def is_set(key: str) -> bool:
+        return key in cfg.dataset and not OmegaConf.is_missing(cfg.dataset, key) and cfg.dataset[key] is not None
+
+    keys = [k for k in VAL_FALLBACK if k in cfg.dataset and is_set(VAL_FALLBACK[k])]
+    if not keys:
+        return bool(cfg.dataset.get("val_is_train", False))
+    unset = [k for k in keys if cfg.dataset[k] is None]
+    with open_dict(cfg):
+        for k in unset:
+            cfg.dataset[k] = cfg.dataset[VAL_FALLBACK[k]]
+        same = all(str(cfg.dataset[k]) == str(cfg.dataset[VAL_FALLBACK[k]]) for k in keys)
+        cfg.dataset.val_is_train = same
+    if unset:
+        log.warning(
+            "dataset=%s has no validation split (%s not set): validating on the TRAINING data, so val/* "
+            "measure memorisation, not generalisation. Pass %s, or %s to do this on purpose.",
+            cfg.dataset.get("name", "?"), ", ".join(f"dataset.{k}" for k in unset),
+            " ".join(f"dataset.{k}=/path/to/val" for k in unset),
+            " ".join(f"dataset.{k}=${{dataset.{VAL_FALLBACK[k]}}}" for k in unset),
+        )
+    return bool(cfg.dataset.val_is_train)
+
+
+def check_can_learn(cfg: DictConfig) -> None:
+    """The plain matching rule (IoU >= fg_iou, no point credit) has nothing to learn from in random
+    weights: no candidate reaches IoU 0.5, so nothing is ever foreground. Refuse that start."""
+    from mobilesam_se.errors import ConfigError
+    m = cfg.matching
+    plain = float(m.get("point_credit", 0.0)) == 0.0 and not m.get("point_fg", False)
+    if plain and not cfg.model.get("checkpoint") and not m.get("allow_random_init", False):
+        raise ConfigError(
+            "matching=default (the plain IoU >= 0.5 rule, used by experiment=seed_everything) cannot learn "
+            "from random weights: no candidate ever becomes foreground. Pass model.checkpoint=/path/to/mobile_sam.pt "
+            "(or a best.pt of your own), use matching=bootstrap to train from scratch, or set "
+            "matching.allow_random_init=true to start anyway."
+        )
+
+
 def _require_paths(cfg: DictConfig, split: str, node: DictConfig) -> None:
     """A dataset path left unset names the key the user sets (e.g. dataset.root), not a TypeError."""
     from mobilesam_se.errors import UserError
@@ -67,6 +117,7 @@ def build_datasets(cfg: DictConfig, progress: bool = False):
     from mobilesam_se.data.checks import check_dataset
     from mobilesam_se.data.errors import DatasetError
 
+    resolve_val_split(cfg)
     sets = {}
     problems = []
     for name in ("train", "val"):
@@ -139,6 +190,7 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     out_dir = Path(broadcast_object(str(out_dir or output_dir(cfg)), dist_info))
     # Cheap first: config and checkpoint files (widths, mode, downloads), then the data check, then
     # the heavy parts (student, teachers).
+    check_can_learn(cfg)
     teacher_specs = resolve_checkpoints(cfg)
     train_set, val_set = build_datasets(cfg, progress=bool(cfg.trainer.get("progress", True)) and dist_info.is_main)
     seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts

@@ -71,8 +71,14 @@ def preprocess_image(image: np.ndarray, target: int) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
     resized = resize_image(image, target)
-    pixels = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()[None]
-    return normalize_and_pad(pixels, target)[0]
+    # The same float32 arithmetic as `normalize_and_pad`, in numpy: single-threaded, so a data
+    # loader on a small, busy CPU does not wait on OpenMP for every per-image op.
+    h, w = resized.shape[:2]
+    mean = np.asarray(PIXEL_MEAN, np.float32)[:, None, None]
+    std = np.asarray(PIXEL_STD, np.float32)[:, None, None]
+    out = np.zeros((3, target, target), np.float32)
+    out[:, :h, :w] = (resized.transpose(2, 0, 1).astype(np.float32) - mean) / std
+    return torch.from_numpy(out)
 
 
 def postprocess_masks(

@@ -26,6 +26,7 @@ TINY_RUN = [
     "trainer.warmup_steps=1",
     "trainer.progress=false",
     "visual.num_images=1",
+    "trainer.tune_amg=false",
 ]
 
 

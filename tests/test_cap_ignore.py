@@ -36,3 +36,23 @@ def test_loss_ignores_background_candidates_inside_the_ignore_region():
     assert without["cls"] > with_ignore["cls"] + 1.0
     with_ignore["loss"].backward()
     assert pred_iou.grad[1, 0] == 0 and pred_iou.grad[0, 0] != 0
+
+
+def test_objects_smaller_than_a_lowres_cell_become_ignore_regions(tmp_path):
+    """64 px image at image_size 64: low-res cells are 4x4 px. A 2x2-px object owns no cell under the
+    >= 0.5 rule; it stays a gt object for evaluation and its cell becomes an ignore region."""
+    import numpy as np
+
+    from mobilesam_se.data.folder import FolderDataset
+    from mobilesam_se.data.folder_writer import write_folder_sample
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    big = np.zeros((64, 64), bool)
+    big[0:32, 0:32] = True
+    tiny = np.zeros((64, 64), bool)
+    tiny[41:43, 49:51] = True  # inside low-res cell (10, 12), a quarter of it
+    write_folder_sample(tmp_path, "a", image, [big, tiny])
+    s = FolderDataset(tmp_path, image_size=64, grid_points=2)[0]
+    assert s.masks.shape[0] == 2 and s.masks_lowres[1].sum() == 0 and s.masks_lowres[0].sum() == 64
+    assert s.ignore_lowres is not None
+    assert s.ignore_lowres.nonzero().tolist() == [[10, 12]]

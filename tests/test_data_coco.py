@@ -74,7 +74,14 @@ def test_coco_polygon_rle_and_iscrowd(tmp_path):
     assert ds.ids == ["1", "2"]
     first = ds[0]
     assert first.file_name == str(images / "one.png") and first.orig_size == HW
-    np.testing.assert_array_equal(first.masks.numpy(), np.stack(expected))  # crowd skipped
+    np.testing.assert_array_equal(first.masks.numpy(), np.stack(expected))  # crowd: no object
+    # ... but an ignore region: a candidate segmenting part of the crowd is not background.
+    from mobilesam_se.data.targets import lowres_targets
+
+    crowd = lowres_targets(rect(0, 20, 0, 30)[None], first.input_size, S)[0]
+    assert first.ignore_lowres is not None and crowd.any()
+    assert np.array_equal(first.ignore_lowres.numpy() & crowd, crowd)
+    assert ds[1].ignore_lowres is None
     empty = ds[1]
     assert empty.masks.shape == (0, *HW) and empty.masks_lowres.shape == (0, S // 4, S // 4)
     assert ds.validate() == []

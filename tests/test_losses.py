@@ -207,3 +207,49 @@ def test_point_supervision_picks_best_candidate_of_each_prompt_inside_an_object(
     bad[1, 1, :, 4:] = 4.0  # candidate 1 of prompt 1 becomes B: still the best of that prompt
     pred2, _ = loss._point_pairs(bad, gt, points)
     assert pred2.tolist() == [1, 3]
+
+
+def test_zero_iou_filler_assignment_keeps_the_real_iou_target():
+    # gt A=[0,5), B=[5,10), C=[10,12) that no candidate overlaps. c0 = A, c1 = [0,4) (a good
+    # duplicate of A, IoU 0.8), c2 = B. The Hungarian step still hands C to the free c1 at IoU 0;
+    # c1's target must stay its real quality 0.8, not 0.
+    gt = strip((0, 5), (5, 10), (10, 12), w=12)
+    cand = strip((0, 5), (0, 4), (5, 10), w=12)
+    logits = torch.where(cand, 1.0, -1.0).reshape(3, 1, 1, 12)
+    pred_iou = torch.zeros(3, 1)
+    loss = EverythingLoss(iou_target="assigned")
+    out = loss(logits, pred_iou, gt)
+    assert out["match"].pred_idx.tolist() == [0, 1, 2]  # c1 really is assigned (to C, at IoU 0)
+    assert out["iou"].item() == pytest.approx((1 + 0.8 ** 2 + 1) / 3, rel=1e-5)
+    strict = EverythingLoss(iou_target="assigned_zero")(logits, pred_iou, gt)["iou"].item()
+    assert strict == pytest.approx((1 + 0 + 1) / 3, rel=1e-5)
+
+
+def test_iou_over_selects_the_candidates_of_the_mse():
+    logits, pred_iou, gt = scene()  # targets [1, 0.8, 1], predictions [0.9, 0.5, 0.7]; fg = c0, c2
+    fg = EverythingLoss(iou_over="fg")(logits, pred_iou, gt)["iou"].item()
+    assert fg == pytest.approx((0.1 ** 2 + 0.3 ** 2) / 2, rel=1e-5)
+    everyone = EverythingLoss(iou_over="all")(logits, pred_iou, gt)["iou"].item()
+    assert everyone == pytest.approx((0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 3, rel=1e-5)
+    with pytest.raises(ValueError, match="loss.iou_over"):
+        EverythingLoss(iou_over="some")
+
+
+def test_cls_without_duplicate_negatives():
+    logits, pred_iou, gt = scene()  # c1 is background but a good duplicate of A (IoU 0.8)
+    recipe = EverythingLoss(cls_term="recipe")(logits, pred_iou, gt)["cls"].item()
+    assert recipe == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
+    no_dup = EverythingLoss(cls_term="no_duplicates")
+    out = no_dup(logits, pred_iou, gt)
+    assert out["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.7)) / 2, rel=1e-5)
+    out["loss"].backward()
+    # c1 still gets the MSE's gradient toward its real IoU (0.8 > 0.5: pushed up, not down).
+    assert pred_iou.grad[1, 0] < 0
+
+
+def test_cls_term_off_is_zero_but_keeps_the_graph():
+    logits, pred_iou, gt = scene()
+    out = EverythingLoss(cls_term="off")(logits, pred_iou, gt)
+    assert out["cls"].item() == 0.0 and out["cls"].requires_grad
+    with pytest.raises(ValueError, match="loss.cls_term"):
+        EverythingLoss(cls_term="all")

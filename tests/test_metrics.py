@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mobilesam_se.evaluation import aggregate, evaluate_image, mask_nms
+from mobilesam_se.evaluation.metrics import summarize_views
 
 
 def boxes(*rects: tuple, hw: int = 8) -> torch.Tensor:
@@ -117,3 +118,36 @@ def test_aggregate_ignores_nan_and_micro_from_counts():
     assert agg["micro_recall"] == pytest.approx(4 / 6) and agg["micro_precision"] == pytest.approx(4 / 7)
     empty = aggregate([])
     assert math.isnan(empty["recall"]) and math.isnan(empty["micro_precision"])
+
+
+def test_negative_scores_count_without_a_threshold():
+    # A raw IoU head can predict below 0; a perfect mask must still be scored as perfect.
+    r = evaluate_image(GT, torch.full((3,), -0.01), GT)
+    assert r["dice"] == pytest.approx(1.0) and r["recall"] == 1.0 and r["num_pred"] == 3
+    assert evaluate_image(GT, torch.full((3,), -0.01), GT, score_thresh=0.0)["num_pred"] == 0
+
+
+def _validation_views():
+    """Two images; the filtered view keeps only confident candidates (score >= 0.5) after NMS."""
+    preds = torch.cat([GT, boxes((6, 8, 0, 2))])  # 3 perfect masks + 1 spurious
+    s = torch.tensor([0.9, 0.2, 0.1, 0.8])  # only GT[0] and the spurious one are confident
+    views_all = [evaluate_image(preds, s, GT), evaluate_image(GT[:1], torch.tensor([0.9]), GT)]
+    views_f = [evaluate_image(preds, s, GT, score_thresh=0.5, nms_iou=0.7),
+               evaluate_image(GT[:1], torch.tensor([0.9]), GT, score_thresh=0.5, nms_iou=0.7)]
+    return summarize_views(views_all, views_f)
+
+
+def test_validation_summary_reports_filtered_recall():
+    m = _validation_views()
+    assert m["recall"] == pytest.approx((1 + 1 / 3) / 2)  # every candidate takes part
+    assert m["recall_filtered"] == pytest.approx((1 / 3 + 1 / 3) / 2)  # one confident hit per image
+    assert m["micro_recall_filtered"] == pytest.approx(2 / 6)
+
+
+def test_micro_precision_uses_the_filtered_counts():
+    m = _validation_views()
+    # 3 confident predictions (2 + 1), 2 of them true: never the unfiltered TP count (4) over 3.
+    assert (m["num_pred"], m["num_tp_filtered"], m["num_tp"]) == (3, 2, 4)
+    assert m["micro_precision"] == pytest.approx(2 / 3)
+    assert m["precision"] == pytest.approx((1 / 2 + 1) / 2)
+    assert m["micro_precision"] <= 1.0

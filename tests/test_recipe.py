@@ -228,7 +228,11 @@ def test_headline_preset_trains_with_stand_in_teachers(stand_in_teachers, tmp_pa
 
 
 def test_full_cache_means_no_teacher_encoder_and_bad_entries_are_misses(stand_in_teachers, tmp_path, caplog):
-    overrides = ["distillation=encoder"] + SMOKE + [f"distillation.cache_dir={tmp_path / 'emb'}"]
+    root = tmp_path / "ds"
+    write_folder_sample(root, "a", np.zeros((16, 20, 3), np.uint8), [np.pad(np.ones((4, 4), bool), ((0, 12), (0, 16)))])
+    folder = [o for o in SMOKE if not o.startswith("dataset.train.num") and not o.startswith("dataset.val.num")]
+    overrides = ["distillation=encoder", "dataset=folder", f"dataset.root={root}"] + folder + [
+        f"distillation.cache_dir={tmp_path / 'emb'}"]
     cfg = compose_cfg(overrides)
     assert precompute(cfg, progress=False) == {"images": 1, "computed": 2}
     cfg = compose_cfg(overrides)

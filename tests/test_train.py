@@ -61,6 +61,11 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
     assert any(not torch.equal(fresh[k], a[k]) for k in a if "num_batches" not in k)
     log = (tmp_path / "b" / "checkpoints" / "training_log.txt").read_text().splitlines()
     assert [l.split("\t")[0] for l in log] == ["epoch=0", "epoch=1"]  # appended, never rewritten
+    # The epoch resumed mid-way logs its mean over all of its batches, as the uninterrupted run.
+    ref = (tmp_path / "a" / "checkpoints" / "training_log.txt").read_text().splitlines()
+    train_terms = lambda line: {kv.split("=")[0]: float(kv.split("=")[1]) for kv in line.split("\t") if kv.startswith("train/")}
+    assert train_terms(log[1]) == pytest.approx(train_terms(ref[1]), rel=1e-5)
+    assert "train/loss" in train_terms(log[1])
 
 
 def test_unfreeze_hands_parameters_to_the_optimizer(tmp_path):
@@ -100,7 +105,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
 
 
 def test_outputs_checkpoints_and_visuals(tmp_path):
-    trainer, res = fit(["matching=bootstrap"], tmp_path)
+    trainer, res = fit(["matching=bootstrap", "trainer.tune_amg=true"], tmp_path)
     ck = tmp_path / "checkpoints"
     state = read_checkpoint(ck / "last.ckpt")  # weights_only load works
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "lambda", "best_score", "wandb_run_id"):
@@ -112,6 +117,11 @@ def test_outputs_checkpoints_and_visuals(tmp_path):
     assert len((ck / "training_log.txt").read_text().splitlines()) == 2
     assert list((tmp_path / "vis").glob("epoch_*/*.png"))
     assert (tmp_path / "config_resolved.yaml").exists()
+    from mobilesam_se.inference.thresholds import TUNED_KEYS, read_tuned
+
+    tuned = read_tuned(ck / "best.pt")  # the AMG thresholds tuned for the final best.pt
+    assert tuned is not None and set(tuned) == set(TUNED_KEYS)
+    assert all(0.0 < v <= 1.0 for v in tuned.values())
 
 
 def test_run_py_command_line_with_wandb_offline(tmp_path):
@@ -140,3 +150,28 @@ def test_run_py_command_line_with_wandb_offline(tmp_path):
     assert any(k.startswith("val/overlay/") for k in keys)  # overlay images
     state = read_checkpoint(out / "checkpoints" / "last.ckpt")
     assert state["wandb_run_id"] == logged["run_id"]
+
+
+def test_last_accumulation_window_averages_its_own_batches(tmp_path):
+    """3 micro-batches with accumulation 2: the second window holds one batch, and its gradient
+    must be that batch's own gradient (divided by 1, not 2). lr 0 keeps the parameters fixed, so
+    the same batch seen with accumulation 1 gives the reference gradient."""
+    def grads_per_step(accum, out):
+        cfg = compose_cfg(TINY_RUN + ["dataset.train.num_images=3", "dataset.batch_size=1", f"trainer.grad_accum={accum}",
+                                      "trainer.max_epochs=1", "trainer.lr=0.0", "trainer.grad_clip=null",
+                                      "trainer.val_every=0", "matching=bootstrap"])
+        trainer, cleanup = build_run(cfg, out_dir=tmp_path / out)
+        seen = []
+        trainer.optimizer.register_step_pre_hook(
+            lambda opt, *_: seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None]))
+        try:
+            trainer.fit()
+        finally:
+            cleanup()
+        return seen
+
+    accumulated, single = grads_per_step(2, "accum"), grads_per_step(1, "single")
+    assert len(accumulated) == 2 and len(single) == 3
+    assert any(g.abs().sum() > 0 for g in single[2])
+    for a, b in zip(accumulated[1], single[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

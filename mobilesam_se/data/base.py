@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.sample import Sample
-from mobilesam_se.data.targets import largest_indices, lowres_targets
+from mobilesam_se.data.targets import largest_indices, lowres_targets, lowres_touched
 from mobilesam_se.prompts import grid_points_for_model
 from mobilesam_se.transforms import preprocess_image, preprocess_shape
 
@@ -191,9 +191,17 @@ class MaskDataset(Dataset, Generic[R]):
             dropped = union if dropped is None else (dropped | union)
             masks = masks[keep]
         input_hw = preprocess_shape(h, w, self.image_size)
-        ignore = None
+        lowres = lowres_targets(masks, input_hw, self.image_size)
+        ignore_np = None
         if dropped is not None and dropped.any():
-            ignore = torch.from_numpy(lowres_targets(dropped[None], input_hw, self.image_size)[0])
+            ignore_np = lowres_targets(dropped[None], input_hw, self.image_size)[0]
+        sub_cell = ~lowres.any(axis=(1, 2))
+        if sub_cell.any():
+            # Too small to own a low-res cell: no target, but a candidate that segments such an
+            # object must not be trained as background either. It stays in `masks` (evaluation).
+            touched = lowres_touched(masks[sub_cell].any(axis=0), input_hw, self.image_size)
+            ignore_np = touched if ignore_np is None else (ignore_np | touched)
+        ignore = None if ignore_np is None or not ignore_np.any() else torch.from_numpy(ignore_np)
         return Sample(
             image_id=record.image_id,
             file_name=str(record.image_path),
@@ -201,7 +209,7 @@ class MaskDataset(Dataset, Generic[R]):
             orig_size=(h, w),
             input_size=input_hw,
             masks=torch.from_numpy(np.ascontiguousarray(masks, dtype=bool)),
-            masks_lowres=torch.from_numpy(lowres_targets(masks, input_hw, self.image_size)),
+            masks_lowres=torch.from_numpy(lowres),
             points=grid_points_for_model(self.grid_points, (h, w), self.image_size),
             image_uint8=image if self.keep_original else None,
             ignore_lowres=ignore,

@@ -70,6 +70,8 @@ def check_dataset(dataset: MaskDataset, progress: bool = False, cache_dir: Optio
     `cache_dir`: where results are cached (None: `default_cache_dir()`; False: no cache). With
     on_error="skip" the bad samples are dropped from the index (build the DataLoader after).
     """
+    if type(dataset).validate is not MaskDataset.validate:
+        return dataset.validate(progress)  # its own rule (a generated stream has nothing to decode-check)
     indexing = list(dataset.skipped)
     bad: Optional[Dict[int, List[Problem]]] = None
     path = None

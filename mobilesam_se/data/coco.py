@@ -1,4 +1,5 @@
-"""COCO instances JSON: every non-crowd annotation of an image is one object mask."""
+"""COCO instances JSON: every non-crowd annotation of an image is one object mask; crowd regions
+are ignore regions."""
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ class CocoRecord:
     image_path: Path
     hw: Tuple[int, int]
     segmentations: Tuple[Tuple[str, Any], ...]  # (label for messages, COCO segmentation)
+    crowd: Tuple[Tuple[str, Any], ...] = ()  # iscrowd annotations: ignore regions, not objects
 
 
 def read_json(path: Path) -> Any:
@@ -40,8 +42,9 @@ class CocoDataset(MaskDataset[CocoRecord]):
     """Images of `image_dir` annotated by a COCO instances file.
 
     Polygons and (compressed or uncompressed) RLE are decoded with pycocotools; `iscrowd`
-    annotations are skipped (one mask for a whole crowd is not an object); images without
-    annotations are kept with K = 0.
+    annotations are no objects (one mask for a whole crowd) but an ignore region: a candidate that
+    segments a person in a crowd is not trained as background. Images without annotations are
+    kept with K = 0.
     """
 
     def __init__(self, image_dir: str | os.PathLike, annotation_file: str | os.PathLike, **kwargs) -> None:
@@ -69,8 +72,9 @@ class CocoDataset(MaskDataset[CocoRecord]):
             else:
                 images[entry["id"]] = entry
         per_image: Dict[Any, List[Tuple[str, Any]]] = {k: [] for k in images}
+        crowd: Dict[Any, List[Tuple[str, Any]]] = {k: [] for k in images}
         for j, ann in enumerate(data.get("annotations") or []):
-            if not isinstance(ann, dict) or ann.get("iscrowd", 0):
+            if not isinstance(ann, dict):
                 continue
             ann_id = ann.get("id", f"#{j}")
             if ann.get("image_id") not in images:
@@ -81,7 +85,8 @@ class CocoDataset(MaskDataset[CocoRecord]):
                 ))
                 continue
             entry = images[ann["image_id"]]
-            per_image[ann["image_id"]].append((f"annotation {ann_id} of {entry['file_name']}", ann.get("segmentation")))
+            target = crowd if ann.get("iscrowd", 0) else per_image
+            target[ann["image_id"]].append((f"annotation {ann_id} of {entry['file_name']}", ann.get("segmentation")))
         records: List[CocoRecord] = []
         for key, entry in images.items():
             path = self.image_dir / entry["file_name"]
@@ -91,7 +96,7 @@ class CocoDataset(MaskDataset[CocoRecord]):
                 ))
                 continue
             hw = (int(entry["height"]), int(entry["width"]))
-            records.append(CocoRecord(str(key), path, hw, tuple(per_image[key])))
+            records.append(CocoRecord(str(key), path, hw, tuple(per_image[key]), tuple(crowd[key])))
         return records, problems
 
     def source_files(self) -> List[Path]:
@@ -108,6 +113,12 @@ class CocoDataset(MaskDataset[CocoRecord]):
             record.segmentations, record.hw, self.max_masks_per_image, self.annotation_file
         )
         problems += mask_problems
+        if record.crowd:
+            crowd, crowd_problems, _ = decode_segmentations(record.crowd, record.hw, None, self.annotation_file)
+            problems += crowd_problems
+            if crowd.shape[0]:
+                union = crowd.any(axis=0)
+                dropped = union if dropped is None else (dropped | union)
         if problems:
             raise DatasetError(problems)
         return image, masks, dropped

@@ -19,7 +19,8 @@ class Sample:
       lies in the top-left (h'/4, w'/4) region, the padding is False.
     - points: (G*G, 2) float32 AMG grid prompts in the resized (model input) frame.
     - image_uint8: the original (H, W, 3) RGB image, only with `keep_original=True`.
-    - ignore_lowres: (S/4, S/4) bool union of the objects `max_masks_per_image` left out, or None:
+    - ignore_lowres: (S/4, S/4) bool union of the objects `max_masks_per_image` left out, of COCO crowd
+      regions and of the cells touched by objects too small to own a low-res cell, or None:
       candidates that segment those objects are neither foreground nor background.
     """
 

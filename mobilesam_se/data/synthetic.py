@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
+from mobilesam_se.data.base import MaskDataset, stack_masks
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 
@@ -37,10 +38,12 @@ class SyntheticParams:
     min_objects: int = 4
     max_objects: int = 12
     min_visible_fraction: float = 0.002  # of the image area; smaller visible parts are removed
+    object_size: Tuple[float, float] = (0.05, 0.35)  # radius range, fraction of the short side
 
     def as_json(self) -> dict:
         d = asdict(self)
         d["image_hw"] = list(self.image_hw)
+        d["object_size"] = list(self.object_size)
         d["version"] = GENERATOR_VERSION
         return d
 
@@ -72,10 +75,11 @@ def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray) -> np.nda
     return (c1 + (c2 - c1) * t[..., None]).astype(np.uint8)
 
 
-def _shape(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _shape(rng: np.random.Generator, h: int, w: int, object_size: Tuple[float, float] = (0.05, 0.35)) -> np.ndarray:
     """(H, W) bool: one random ellipse / rotated rectangle / polygon / blob, possibly cut by the border."""
     side = min(h, w)
-    r = side * float(np.exp(rng.uniform(np.log(0.05), np.log(0.35))))  # log-uniform: many small, some big
+    lo, hi = object_size
+    r = side * float(np.exp(rng.uniform(np.log(lo), np.log(hi))))  # log-uniform: many small, some big
     cx, cy = rng.uniform(-0.1 * w, 1.1 * w), rng.uniform(-0.1 * h, 1.1 * h)
     canvas = np.zeros((h, w), dtype=np.uint8)
     kind = int(rng.integers(4))
@@ -115,13 +119,17 @@ def render_scene(
     min_objects: int = 4,
     max_objects: int = 12,
     min_visible_fraction: float = 0.002,
+    object_size: Tuple[float, float] = (0.05, 0.35),
 ) -> Tuple[np.ndarray, List[np.ndarray]]:
-    """One scene: (H, W, 3) uint8 RGB image and the visible mask of each object, back to front."""
+    """One scene: (H, W, 3) uint8 RGB image and the visible mask of each object, back to front.
+    `object_size`: the range of object radii as fractions of the short side (log-uniform)."""
     h, w = hw
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     background = _texture(rng, yy, xx)
     n = int(rng.integers(min_objects, max_objects + 1))
-    shapes = [_shape(rng, h, w) for _ in range(n)]
+    if not 0 < object_size[0] <= object_size[1]:
+        raise ValueError(f"object_size must be 0 < min <= max, got {tuple(object_size)}")
+    shapes = [_shape(rng, h, w, tuple(object_size)) for _ in range(n)]
     textures = [_texture(rng, yy, xx) for _ in range(n)]
     min_area = max(16, round(min_visible_fraction * h * w))
     areas = np.bincount(_owner_map(shapes, hw).ravel() + 1, minlength=n + 1)[1:]
@@ -159,6 +167,7 @@ def generate_synthetic_dataset(
     min_objects: int = 4,
     max_objects: int = 12,
     min_visible_fraction: float = 0.002,
+    object_size: Tuple[float, float] = (0.05, 0.35),
 ) -> Path:
     """Write `num_images` scenes to root (which must be absent or empty) plus root/meta.json.
 
@@ -167,7 +176,8 @@ def generate_synthetic_dataset(
     if not 1 <= min_objects <= max_objects:
         raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
     hw = (int(image_hw[0]), int(image_hw[1]))
-    params = SyntheticParams(num_images, hw, seed, min_objects, max_objects, min_visible_fraction)
+    object_size = (float(object_size[0]), float(object_size[1]))
+    params = SyntheticParams(num_images, hw, seed, min_objects, max_objects, min_visible_fraction, object_size)
     root = Path(root)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root}: not empty; generate into a new folder (or use ensure_synthetic_dataset)")
@@ -175,7 +185,7 @@ def generate_synthetic_dataset(
     for i in range(num_images):
         rng = np.random.default_rng(np.random.SeedSequence([seed, i]))
         hw_i = _image_hw(rng, params.image_hw)
-        image, masks = render_scene(rng, hw_i, min_objects, max_objects, min_visible_fraction)
+        image, masks = render_scene(rng, hw_i, min_objects, max_objects, min_visible_fraction, object_size)
         write_folder_sample(root, f"{i:06d}", image, masks)
     # Written last: its presence marks a complete dataset.
     (root / META_FILE).write_text(json.dumps(params.as_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -203,6 +213,8 @@ def ensure_synthetic_dataset(
     generators (several ranks) both succeed, one rename wins.
     """
     root = Path(root).expanduser()
+    if "object_size" in options:
+        options["object_size"] = (float(options["object_size"][0]), float(options["object_size"][1]))
     params = SyntheticParams(num_images, (int(image_hw[0]), int(image_hw[1])), seed, **options)
     if _meta_matches(root, params):
         return root
@@ -259,11 +271,76 @@ class SyntheticDataset(FolderDataset):
         min_objects: int = 4,
         max_objects: int = 12,
         min_visible_fraction: float = 0.002,
+        object_size: Tuple[float, float] = (0.05, 0.35),
         **kwargs,
     ) -> None:
         self.split = split
-        options = dict(min_objects=min_objects, max_objects=max_objects, min_visible_fraction=min_visible_fraction)
+        options = dict(min_objects=min_objects, max_objects=max_objects, min_visible_fraction=min_visible_fraction,
+                       object_size=(float(object_size[0]), float(object_size[1])))
         params = SyntheticParams(num_images, (int(image_hw[0]), int(image_hw[1])), split_seed(seed, split), **options)
         parent = Path(root).expanduser() if root is not None else default_synthetic_dir()
         path = ensure_synthetic_dataset(parent / params.digest(), num_images, params.image_hw, params.seed, **options)
         super().__init__(path, **kwargs)
+
+
+@dataclass(frozen=True)
+class StreamRecord:
+    image_id: str
+    image_path: Path
+    index: int
+
+
+class SyntheticStreamDataset(MaskDataset[StreamRecord]):
+    """`num_images` fresh scenes per epoch, rendered in memory: scene i of epoch e depends only on
+    (seed, e, i), so runs repeat exactly and a resumed epoch sees the same scenes.
+
+    A fixed set of a few dozen scenes is memorised by a from-scratch model long before it learns
+    to segment (train recall 0.56 against val 0.11 after 180 epochs of 48 scenes); a stream of
+    distinct scenes costs a few milliseconds of drawing per image and removes that gap. The
+    trainer calls `set_epoch` before each epoch, as for a DistributedSampler.
+    """
+
+    def __init__(
+        self,
+        num_images: int = 64,
+        image_hw: Tuple[int, int] = (256, 256),
+        split: str = "train",
+        seed: int = 0,
+        min_objects: int = 4,
+        max_objects: int = 12,
+        min_visible_fraction: float = 0.002,
+        object_size: Tuple[float, float] = (0.05, 0.35),
+        **kwargs,
+    ) -> None:
+        if num_images < 1:
+            raise ValueError(f"num_images must be >= 1, got {num_images}")
+        if not 1 <= min_objects <= max_objects:
+            raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects}, {max_objects}")
+        self.num_images = int(num_images)
+        self.image_hw = (int(image_hw[0]), int(image_hw[1]))
+        self.split = split
+        self.stream_seed = split_seed(seed, split)
+        self.scene_options = dict(min_objects=min_objects, max_objects=max_objects,
+                                  min_visible_fraction=min_visible_fraction,
+                                  object_size=(float(object_size[0]), float(object_size[1])))
+        self.epoch = 0
+        super().__init__(**kwargs)
+
+    @property
+    def source(self) -> str:
+        return f"synthetic stream (split {self.split}, seed {self.stream_seed})"
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _scan(self) -> Tuple[List[StreamRecord], List]:
+        return [StreamRecord(f"{i:06d}", Path(f"stream-{self.split}/{i:06d}"), i) for i in range(self.num_images)], []
+
+    def _decode(self, record: StreamRecord) -> Tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, self.epoch, record.index]))
+        image, masks = render_scene(rng, _image_hw(rng, self.image_hw), **self.scene_options)
+        return image, stack_masks(masks, image.shape[:2])
+
+    def validate(self, progress: bool = False) -> List:
+        """Generated scenes have nothing to check; skipping the pass saves drawing a whole epoch."""
+        return []

@@ -31,6 +31,16 @@ def lowres_targets(masks: np.ndarray, input_hw: Tuple[int, int], image_size: int
     return out
 
 
+def lowres_touched(mask: np.ndarray, input_hw: Tuple[int, int], image_size: int) -> np.ndarray:
+    """(H, W) bool -> (S/4, S/4) bool: every low-res cell the mask covers at all (an ignore region
+    for objects too small to own a cell under the >= 0.5 rule of `lowres_targets`)."""
+    side = image_size // 4
+    h4, w4 = lowres_size(input_hw, image_size)
+    out = np.zeros((side, side), dtype=bool)
+    out[:h4, :w4] = cv2.resize(mask.astype(np.float32), (w4, h4), interpolation=cv2.INTER_AREA) > 0
+    return out
+
+
 def largest_indices(areas: np.ndarray, cap: Optional[int]) -> np.ndarray:
     """Indices of the `cap` largest areas, in their original order (all of them when cap is None).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
@@ -138,6 +139,9 @@ def build_distiller(
     terms = enabled_terms(dcfg)
     student_dim, tiny_dim = _student_dims(cfg)
     same_width = [t for t in SAME_WIDTH_TERMS if t in terms]
+    if dcfg.get("cache_dir") and train_files and not any(os.path.isfile(f) for f in train_files[:16]):
+        log.warning("distillation.cache_dir with training images that are not files (a generated stream?): "
+                    "entries are keyed by pixels and a fresh scene is never read again")
     teachers = []
     for spec in specs:
         cache = _cache_for(dcfg, spec, image_size, tiny_dim)

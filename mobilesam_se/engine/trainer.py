@@ -36,6 +36,26 @@ from mobilesam_se.visual import overlay_masks_on_image, save_rgb, side_by_side
 log = logging.getLogger(__name__)
 
 
+# Validation warns when |mean predicted IoU - mean true IoU| exceeds this.
+CALIBRATION_GAP_WARN = 0.1
+
+
+def calibration_warning(metrics: Dict[str, float], epoch: int) -> Optional[str]:
+    """The warning of the calibration guard, or None: the IoU head must stay an IoU estimate the
+    stock AMG thresholds (pred_iou_thresh 0.88) can use."""
+    gap = metrics.get("calibration/gap", float("nan"))
+    if not gap > CALIBRATION_GAP_WARN:
+        return None
+    return (
+        f"epoch {epoch}: the IoU head is miscalibrated: mean predicted IoU {metrics['calibration/mean_pred_iou']:.3f} "
+        f"vs true {metrics['calibration/mean_true_iou']:.3f} (gap {gap:.3f} > {CALIBRATION_GAP_WARN:.2f}); "
+        f"{100 * metrics.get('calibration/pred_above_88', float('nan')):.1f}% of candidates predicted above 0.88 vs "
+        f"{100 * metrics.get('calibration/true_above_88', float('nan')):.1f}% truly above; the stock AMG keeps "
+        f"{metrics.get('amg/masks_per_image', float('nan')):.1f} masks per image. See loss.iou_over / "
+        "loss.cls_term (README, Loss)."
+    )
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -98,6 +118,12 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal: Optional[int] = None  # the preemption signal that asked for the stop, if any
         self.history: List[Dict[str, float]] = []
+        # Loss sums of the epoch in progress (saved in last.ckpt, so a mid-epoch resume logs the
+        # epoch's mean over all of its batches, not only those after the resume).
+        self._epoch_sums: Dict[str, torch.Tensor] = {}
+        self._epoch_count = 0
+        self._resumed_sums: Dict[str, float] = {}
+        self._resumed_count = 0
 
         frozen = [p for p in ("image_encoder", "prompt_encoder", "mask_decoder") if cfg.freeze[p]]
         self.frozen_parts = freeze_parts(self.model, frozen)
@@ -169,6 +195,8 @@ class Trainer:
             "nonfinite": self.nonfinite,
             "wandb_run_id": getattr(self.logger, "run_id", None),
             "history": self.history,
+            "epoch_sums": {k: float(v) for k, v in self._epoch_sums.items()} if self.batch_in_epoch else {},
+            "epoch_count": self._epoch_count if self.batch_in_epoch else 0,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -189,6 +217,8 @@ class Trainer:
         self.best_score, self.bad_validations = state["best_score"], state["bad_validations"]
         self.nonfinite = state["nonfinite"]
         self.history = list(state.get("history") or [])
+        self._resumed_sums = dict(state.get("epoch_sums") or {})
+        self._resumed_count = int(state.get("epoch_count") or 0)
         if self.distiller is not None and state.get("distiller") is not None:
             self.distiller.load_state_dict(state["distiller"])
         restore_rng(state["rng"])
@@ -296,8 +326,13 @@ class Trainer:
         if self.cfg.freeze.batchnorm_stats:
             freeze_batchnorm_stats(self.model)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.cfg.dataset.batch_size)
-        sums: Dict[str, torch.Tensor] = {}  # on the device: no host sync per step
-        count = 0
+        if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
+            self.train_set.set_epoch(self.epoch)
+        # On the device (no host sync per step); a run resumed mid-epoch continues the sums it saved.
+        sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in self._resumed_sums.items()}
+        count = self._resumed_count
+        self._resumed_sums, self._resumed_count = {}, 0
+        self._epoch_sums, self._epoch_count = sums, count
         accum = self.tcfg.grad_accum
         backward_done = 0  # micro-batches with a finite loss in the current accumulation window
         bar = tqdm(self.loader, desc=f"epoch {self.epoch}", leave=False,
@@ -305,6 +340,9 @@ class Trainer:
         for batch in bar:
             micro_index = self.epoch * self._micro_per_epoch() + self.batch_in_epoch
             sync = (self.batch_in_epoch + 1) % accum == 0 or self.batch_in_epoch + 1 == self._micro_per_epoch()
+            # The last window of an epoch may be shorter: average over the micro-batches it has.
+            window_start = self.batch_in_epoch - self.batch_in_epoch % accum
+            window = min(accum, self._micro_per_epoch() - window_start)
             use_no_sync = self.dist.enabled and not sync and not self._manual_grad_sync
             ctx = self.wrapped.no_sync() if use_no_sync else contextlib.nullcontext()
             with ctx:
@@ -314,7 +352,7 @@ class Trainer:
                     self._nonfinite("loss")
                     loss = None
                 if loss is not None:
-                    scaled = loss / accum
+                    scaled = loss / window
                     (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                     backward_done += 1
             self.batch_in_epoch += 1
@@ -323,6 +361,7 @@ class Trainer:
                     v = v.detach().float().to(self.device)
                     sums[k] = sums[k] + v if k in sums else v
                 count += 1
+                self._epoch_sums, self._epoch_count = sums, count
             if sync:
                 if backward_done == 0:  # every micro-batch of the window was non-finite: no step at all
                     self.optimizer.zero_grad(set_to_none=True)
@@ -389,6 +428,38 @@ class Trainer:
             )
             metrics.update({f"prompted/{k}": v for k, v in prompted.items()})
         return all_reduce_mean(metrics, self.dist, self.device) if self.dist.enabled else metrics, vis
+
+    def _calibration_guard(self, metrics: Dict[str, float]) -> None:
+        message = calibration_warning(metrics, self.epoch)
+        if message and self.dist.is_main:
+            log.warning(message)
+
+    def _tune_amg(self) -> Dict[str, float]:
+        """AMG thresholds that fit the final best.pt, written beside it (best.amg.yaml), so that
+        `segment` and `evaluate` use values this model's IoU head can pass (stock: generator.tuned=false)."""
+        best = self.ckpt_dir / "best.pt"
+        if self.val_set is None or len(self.val_set) == 0 or not best.is_file():
+            return {}
+        from hydra.utils import instantiate
+
+        from mobilesam_se.evaluation.tuning import tune_amg_thresholds
+        from mobilesam_se.inference.thresholds import write_tuned
+        from mobilesam_se.models.checkpoint import load_model_weights
+
+        model = instantiate(OmegaConf.merge(self.cfg.model.net, {"checkpoint": None}))
+        load_model_weights(model, best)
+        result = tune_amg_thresholds(
+            model, self.val_set, self.device, multimask_output=self.cfg.model.multimask_output,
+            points_per_batch=self.cfg.model.points_per_batch, max_images=self.tcfg.get("tune_max_images"),
+            progress=self.tcfg.progress,
+        )
+        path = write_tuned(best, result.best, {"objective": result.objective, "split": "val",
+                                               "num_images": result.num_images, "stock": result.stock, "tuned": result.tuned})
+        log.info("AMG thresholds for best.pt -> %s\n%s", path, result.summary())
+        out = {f"amg_tuned/{k}": v for k, v in result.best.items()}
+        out.update({f"amg_tuned/{k}": v for k, v in result.tuned.items()})
+        out.update({f"amg_stock/{k}": v for k, v in result.stock.items()})
+        return out
 
     def _save_visuals(self, visuals: List[Dict[str, Any]]) -> None:
         if not visuals or not self.dist.is_main:
@@ -457,6 +528,7 @@ class Trainer:
                 n_vis = self.cfg.visual.num_images if self.dist.is_main else 0
                 metrics, visuals = self._validate(n_vis)
                 record.update({f"val/{k}": v for k, v in metrics.items()})
+                self._calibration_guard(metrics)
                 score = metrics.get(self.tcfg.monitor, float("nan"))
                 improved = not math.isnan(score) and score > self.best_score
                 if improved:
@@ -489,7 +561,11 @@ class Trainer:
             if self._agree_on_stop():
                 break
         barrier(self.dist)
+        summary = {"best/" + self.tcfg.monitor: self.best_score, "epochs": self.epoch, "steps": self.step}
+        finished = self.epoch >= self.tcfg.max_epochs or stopped_early
+        if finished and self.dist.is_main and self.tcfg.get("tune_amg", False):
+            summary.update(self._tune_amg())
         if self.logger is not None:
-            self.logger.summary({"best/" + self.tcfg.monitor: self.best_score, "epochs": self.epoch, "steps": self.step})
+            self.logger.summary(summary)
         return {"best_score": self.best_score, "epoch": self.epoch, "step": self.step, "history": self.history,
                 "stopped_early": stopped_early, "stopped": self.stop_requested}

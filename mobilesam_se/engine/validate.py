@@ -8,19 +8,64 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from mobilesam_se.evaluation.metrics import aggregate, evaluate_image
+from mobilesam_se.evaluation.calibration import best_match_iou
+from mobilesam_se.evaluation.metrics import aggregate, evaluate_image, summarize_views
 from mobilesam_se.matching import hungarian_match, mask_iou_matrix
 from mobilesam_se.transforms import postprocess_masks
 
 
+# The stock SamAutomaticMaskGenerator filters, for the calibration guard of every validation.
+STOCK_AMG = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
+STABILITY_OFFSET = 1.0
+
+
 def full_res_candidates(
-    logits: torch.Tensor, input_hw: Tuple[int, int], orig_hw: Tuple[int, int], image_size: int, chunk: int = 64
-) -> torch.Tensor:
-    """(Q, S/4, S/4) low-res logits -> (Q, H, W) bool masks at the original size, chunk by chunk."""
-    out = []
+    logits: torch.Tensor, input_hw: Tuple[int, int], orig_hw: Tuple[int, int], image_size: int, chunk: int = 64,
+    with_stability: bool = False,
+):
+    """(Q, S/4, S/4) low-res logits -> (Q, H, W) bool masks at the original size, chunk by chunk;
+    with `with_stability` also the (Q,) AMG stability scores of the full-size logits
+    (area above +offset over area above -offset, as SAM's `calculate_stability_score`)."""
+    out, stability = [], []
     for s in range(0, logits.shape[0], chunk):
-        out.append(postprocess_masks(logits[s : s + chunk].float(), input_hw, orig_hw, image_size) > 0)
-    return torch.cat(out) if out else torch.zeros((0, *orig_hw), dtype=torch.bool, device=logits.device)
+        full = postprocess_masks(logits[s : s + chunk].float(), input_hw, orig_hw, image_size)
+        out.append(full > 0)
+        if with_stability:
+            hi = (full > STABILITY_OFFSET).flatten(1).sum(1, dtype=torch.int32)
+            lo = (full > -STABILITY_OFFSET).flatten(1).sum(1, dtype=torch.int32)
+            stability.append(hi.float() / lo.float().clamp_min(1.0) * (lo > 0))
+    masks = torch.cat(out) if out else torch.zeros((0, *orig_hw), dtype=torch.bool, device=logits.device)
+    if not with_stability:
+        return masks
+    return masks, (torch.cat(stability) if stability else torch.zeros(0, device=logits.device))
+
+
+def amg_keep(
+    masks: torch.Tensor, scores: torch.Tensor, stability: torch.Tensor,
+    pred_iou_thresh: float = STOCK_AMG["pred_iou_thresh"],
+    stability_score_thresh: float = STOCK_AMG["stability_score_thresh"],
+    box_nms_thresh: float = STOCK_AMG["box_nms_thresh"],
+) -> torch.Tensor:
+    """Indices of the candidates the AMG (one crop, no small-region clean-up) keeps from these
+    grid candidates: predicted IoU > pred_iou_thresh, stability >= stability_score_thresh, then
+    box NMS by predicted IoU; with the defaults, what `EverythingGenerator` (stock) returns for the
+    same grid and weights."""
+    from torchvision.ops import nms
+
+    keep = torch.nonzero((scores > pred_iou_thresh) & (stability >= stability_score_thresh)).flatten()
+    keep = keep[masks[keep].flatten(1).any(1)]
+    if keep.numel() == 0:
+        return keep
+    m = masks[keep]
+    rows, cols = m.any(2), m.any(1)  # (k, H), (k, W)
+    ar_h = torch.arange(m.shape[1], device=m.device)
+    ar_w = torch.arange(m.shape[2], device=m.device)
+    y0 = torch.where(rows, ar_h, m.shape[1]).min(1).values
+    y1 = torch.where(rows, ar_h, -1).max(1).values
+    x0 = torch.where(cols, ar_w, m.shape[2]).min(1).values
+    x1 = torch.where(cols, ar_w, -1).max(1).values
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()  # SAM's boxes: inclusive max corner
+    return keep[nms(boxes, scores[keep].float(), box_nms_thresh)]
 
 
 @torch.no_grad()
@@ -60,7 +105,11 @@ def validate(
     """
     was_training = model.training
     model.eval()
-    per_image: List[Dict[str, float]] = []
+    all_views: List[Dict[str, float]] = []
+    filtered_views: List[Dict[str, float]] = []
+    amg_views: List[Dict[str, float]] = []
+    calib_pred: List[torch.Tensor] = []
+    calib_true: List[torch.Tensor] = []
     visuals: List[Dict[str, Any]] = []
     n_seen = 0
     bar = tqdm(loader, desc="val", leave=False, disable=not progress)
@@ -73,18 +122,19 @@ def validate(
             q = logits[b].flatten(0, 1)
             s = scores[b].flatten()
             gt = batch["masks"][b].to(device)
-            masks = full_res_candidates(q, batch["input_size"][b], batch["orig_size"][b], image_size)
+            masks, stability = full_res_candidates(q, batch["input_size"][b], batch["orig_size"][b], image_size,
+                                                   with_stability=True)
             everything = evaluate_image(masks, s, gt)
             filtered = evaluate_image(masks, s, gt, score_thresh=score_thresh, nms_iou=nms_iou)
+            amg = amg_keep(masks, s, stability)
+            amg_views.append(evaluate_image(masks[amg], s[amg], gt))
+            calib_pred.append(s.clamp(0, 1).cpu())
+            calib_true.append(best_match_iou(masks, gt).cpu())
             if evaluator is not None:
                 originals = batch.get("image_uint8")
                 evaluator.add(batch["image_id"][b], masks, s, gt, originals[b] if originals else None)
-            per_image.append({
-                "dice": everything["dice"], "iou": everything["iou"], "recall": everything["recall"],
-                "precision": filtered["precision"], "recall_filtered": filtered["recall"],
-                "num_tp": everything["num_tp"], "num_gt": everything["num_gt"], "num_pred": filtered["num_pred"],
-                "num_tp_filtered": filtered["num_tp"],
-            })
+            all_views.append(everything)
+            filtered_views.append(filtered)
             if len(visuals) < keep_visuals and batch.get("image_uint8") and batch["image_uint8"][b] is not None:
                 matched = _matched_masks(masks, gt)
                 m = masks.shape[0] // batch["points"].shape[1]
@@ -98,7 +148,9 @@ def validate(
             break
     if was_training:
         model.train()
-    metrics = aggregate(per_image) if per_image else {}
+    metrics = summarize_views(all_views, filtered_views) if all_views else {}
+    if all_views:
+        metrics.update(calibration_summary(torch.cat(calib_pred), torch.cat(calib_true), amg_views))
     if evaluator is not None:
         metrics.update(evaluator.summarize())
     return {k: float(v) for k, v in metrics.items()}, visuals
@@ -118,3 +170,27 @@ def _points_in_original(points: torch.Tensor, orig_hw: Tuple[int, int], image_si
     """Resized-frame points back to original pixels (for drawing)."""
     scale = image_size / max(orig_hw)
     return points.float() / scale
+
+
+def calibration_summary(pred: torch.Tensor, true: torch.Tensor, amg_views: List[Dict[str, float]]) -> Dict[str, float]:
+    """The calibration guard: is the IoU head an IoU estimate the stock AMG thresholds can use?
+
+    calibration/mean_pred_iou, mean_true_iou and gap (|difference|) over every candidate
+    (predictions clipped to [0, 1], true = IoU with the best-matching gt); the shares of
+    candidates above 0.88 predicted and true; amg/masks_per_image and amg/recall (at IoU 0.5)
+    of the stock AMG filters applied to the same candidates.
+    """
+    t = STOCK_AMG["pred_iou_thresh"]
+    n = max(1, len(amg_views))
+    mean_pred, mean_true = float(pred.double().mean()), float(true.double().mean())
+    amg = aggregate(amg_views)
+    return {
+        "calibration/mean_pred_iou": mean_pred,
+        "calibration/mean_true_iou": mean_true,
+        "calibration/gap": abs(mean_pred - mean_true),
+        "calibration/pred_above_88": float((pred > t).double().mean()),
+        "calibration/true_above_88": float((true > t).double().mean()),
+        "amg/masks_per_image": amg["num_pred"] / n,
+        "amg/recall": amg["recall"],
+        "amg/precision": amg["precision"],
+    }

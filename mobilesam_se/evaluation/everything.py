@@ -240,7 +240,8 @@ def format_table(m: Dict[str, float], info: Optional[Dict[str, Any]] = None) -> 
     cols = ["AP", "AP50", "AP75"] + sorted(ar, key=lambda c: int(c[3:]))
     lines.append(f"{'COCO mask AP / AR (class-agnostic)':38}" + "".join(f"{c.replace('AR_', 'AR@'):>8}" for c in cols)
                  + f"{'dets/img':>10}")
-    for name, label in (("coco_raw", "raw candidates, by predicted IoU"), ("coco_amg", "AMG output (stock filters)")):
+    amg_label = "AMG output (" + str(info.get("amg_thresholds", "stock")).split(" (")[0] + " filters)"
+    for name, label in (("coco_raw", "raw candidates, by predicted IoU"), ("coco_amg", amg_label)):
         if f"{name}/AP" in m:
             lines.append(f"{label:38}" + "".join(f"{_fmt(m.get(f'{name}/{c}')):>8}" for c in cols)
                          + f"{m.get(f'{name}/dets_per_image', float('nan')):>10.1f}")

@@ -29,13 +29,14 @@ def evaluate_image(
     pred_scores: Tensor,
     gt_masks: Tensor,
     iou_thresh: float = 0.5,
-    score_thresh: float = 0.0,
+    score_thresh: float | None = None,
     nms_iou: float | None = None,
 ) -> Dict[str, float]:
     """Match predictions (Q, H, W) bool with scores (Q,) to gt (K, H, W) bool for one image.
 
-    Predictions with score >= score_thresh are considered, deduplicated by mask NMS at nms_iou
-    when given. Returns:
+    Every prediction is considered unless score_thresh is given (then only those with score >=
+    score_thresh: a raw IoU head can predict below 0, and such a candidate still counts when no
+    threshold is asked for), deduplicated by mask NMS at nms_iou when given. Returns:
       dice, iou: mean over the Hungarian pairs (a pair's dice is 2 IoU / (1 + IoU)); 0 when
         there are gt objects but no predictions, NaN when K == 0 (nothing to score).
       recall = num_tp / K, NaN when K == 0 (undefined; aggregate skips it, micro recall counts it).
@@ -45,7 +46,10 @@ def evaluate_image(
     pred_masks = torch.as_tensor(pred_masks).bool()
     gt_masks = torch.as_tensor(gt_masks).bool().to(pred_masks.device)
     scores = torch.as_tensor(pred_scores, dtype=torch.float32).to(pred_masks.device)
-    keep = torch.nonzero(scores >= score_thresh).flatten()
+    if score_thresh is None:
+        keep = torch.arange(scores.shape[0], device=scores.device)
+    else:
+        keep = torch.nonzero(scores >= score_thresh).flatten()
     if nms_iou is not None and keep.numel() > 0:
         keep = keep[mask_nms(pred_masks[keep], scores[keep], nms_iou).to(keep.device)]
     preds = pred_masks[keep]
@@ -77,8 +81,9 @@ def evaluate_image(
 
 
 def aggregate(per_image: Sequence[Dict[str, Any]]) -> Dict[str, float]:
-    """Dataset summary: mean of each per-image metric ignoring NaN (NaN if all are), totals of
-    the counts, and micro recall / precision from those totals."""
+    """Dataset summary of `evaluate_image` results (one view of the predictions): mean of each
+    per-image metric ignoring NaN (NaN if all are), totals of the counts, and micro recall /
+    precision from those totals, so every ratio's numerator and denominator come from one view."""
     out: Dict[str, float] = {"num_images": len(per_image)}
     for key in MEAN_KEYS:
         vals = [float(r[key]) for r in per_image if not math.isnan(float(r[key]))]
@@ -88,3 +93,21 @@ def aggregate(per_image: Sequence[Dict[str, Any]]) -> Dict[str, float]:
     out["micro_recall"] = _ratio(out["num_tp"], out["num_gt"])
     out["micro_precision"] = _ratio(out["num_tp"], out["num_pred"])
     return out
+
+
+def summarize_views(all_candidates: Sequence[Dict[str, Any]], filtered: Sequence[Dict[str, Any]]) -> Dict[str, float]:
+    """Validation summary from two views of the same images.
+
+    From every candidate (the recipe's score: how well the best one-to-one pairing covers the
+    objects): dice, iou, recall, micro_recall, num_gt, num_tp, num_candidates. From the filtered
+    candidates (confident, after NMS): precision, recall_filtered, micro_precision,
+    micro_recall_filtered, num_pred, num_tp_filtered.
+    """
+    a, f = aggregate(all_candidates), aggregate(filtered)
+    return {
+        "num_images": a["num_images"],
+        "dice": a["dice"], "iou": a["iou"], "recall": a["recall"], "micro_recall": a["micro_recall"],
+        "num_gt": a["num_gt"], "num_tp": a["num_tp"], "num_candidates": a["num_pred"],
+        "precision": f["precision"], "recall_filtered": f["recall"], "micro_precision": f["micro_precision"],
+        "micro_recall_filtered": f["micro_recall"], "num_pred": f["num_pred"], "num_tp_filtered": f["num_tp"],
+    }

@@ -10,7 +10,9 @@ from mobilesam_se.losses.mask import dice_loss, iou_confidence_bce, iou_mse, sig
 from mobilesam_se.matching import MatchResult, match_candidates, point_in_masks
 
 TERMS = ("bce", "focal", "dice", "iou", "cls")
-IOU_TARGETS = ("assigned", "best")
+IOU_TARGETS = ("assigned", "assigned_zero", "best")
+IOU_OVER = ("all", "assigned", "fg")
+CLS_TERMS = ("recipe", "no_duplicates", "off")
 
 
 class EverythingLoss(nn.Module):
@@ -18,13 +20,19 @@ class EverythingLoss(nn.Module):
 
     - bce / focal / dice: on foreground (candidate, gt) pairs only, each averaged over the
       foreground candidates; zero (with a gradient path) when there are none.
-    - iou: MSE of the IoU head against the measured IoU of every candidate. With
-      iou_target="assigned" an assigned candidate's target is its IoU with its assigned gt and an
-      unassigned one's is its best IoU over all gt, so the head learns an honest quality estimate
-      for every candidate, not "0 because another candidate won the object" (which would teach it
-      to score good duplicates low, whereas the AMG's NMS is what removes duplicates).
-      iou_target="best" uses the best IoU for every candidate.
-    - cls: `iou_confidence_bce` of every candidate's predicted IoU against its foreground label.
+    - iou: MSE of the IoU head against the measured IoU, averaged over `iou_over` candidates:
+      "all" (every candidate, so the head also learns that bad masks are bad), "assigned" (the
+      Hungarian-assigned ones) or "fg" (the foreground pairs: the recipe's average over matched
+      predictions). Targets (`iou_target`): "assigned" gives an assigned candidate its IoU with its
+      assigned gt and every other candidate its best IoU over all gt, so the head learns an honest
+      quality estimate, not "0 because another candidate won the object" (the AMG's NMS is what
+      removes duplicates); an assignment at IoU 0 (Hungarian filler for an object nobody overlaps)
+      does not count as one. "assigned_zero" is the strict recipe (unassigned: 0); "best" uses the
+      best IoU for every candidate.
+    - cls: `iou_confidence_bce` of the predicted IoU against the foreground label (`cls_term`):
+      "recipe" takes every non-foreground candidate as a negative; "no_duplicates" leaves out the
+      good duplicates (IoU >= fg_iou with some object), since BCE toward 0 there fights the MSE
+      toward their real IoU; "off" drops the term (it is logged as 0).
     loss = sum of w_term * term, and the dict's terms are exactly those summed.
     """
 
@@ -42,10 +50,16 @@ class EverythingLoss(nn.Module):
         point_fg: bool = False,
         iou_target: str = "assigned",
         point_supervision: bool = False,
+        iou_over: str = "all",
+        cls_term: str = "recipe",
     ) -> None:
         super().__init__()
-        if iou_target not in IOU_TARGETS:
-            raise ValueError(f"iou_target must be one of {IOU_TARGETS}, got {iou_target!r}")
+        for key, value, allowed in (("iou_target", iou_target, IOU_TARGETS), ("iou_over", iou_over, IOU_OVER),
+                                    ("cls_term", cls_term, CLS_TERMS)):
+            if value not in allowed:
+                raise ValueError(f"loss.{key} must be one of {allowed}, got {value!r}")
+        self.iou_over = iou_over
+        self.cls_term = cls_term
         self.weights = {"bce": w_bce, "focal": w_focal, "dice": w_dice, "iou": w_iou, "cls": w_cls}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -80,14 +94,15 @@ class EverythingLoss(nn.Module):
             extra_pred, extra_gt = self._point_pairs(logits, gt_lowres, points_lowres)
             pred_idx = torch.cat([pred_idx, extra_pred.to(pred_idx.device)])
             gt_idx = torch.cat([gt_idx, extra_gt.to(gt_idx.device)])
+        iou_rows, cls_rows = keep & self._iou_rows(match), keep & self._cls_rows(match)
         fg_logits = flat_logits[pred_idx]
         fg_targets = gt_lowres.to(logits.device)[gt_idx].float()
         terms = {
             "bce": sigmoid_bce(fg_logits, fg_targets),
             "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
             "dice": dice_loss(fg_logits, fg_targets),
-            "iou": iou_mse(flat_iou[keep], self._iou_target(match)[keep]),
-            "cls": iou_confidence_bce(flat_iou[keep], match.fg.float()[keep]),
+            "iou": iou_mse(flat_iou[iou_rows], self._iou_target(match)[iou_rows]),
+            "cls": iou_confidence_bce(flat_iou[cls_rows], match.fg.float()[cls_rows]),
         }
         out: Dict[str, Any] = {"loss": self._weighted_sum(terms), **terms}
         out["num_fg"] = float(match.num_fg)
@@ -133,11 +148,33 @@ class EverythingLoss(nn.Module):
         area = pred.sum(1)
         return (~fg) & (area > 0) & (inside >= 0.5 * area)
 
+    @staticmethod
+    def _assigned(match: MatchResult) -> Tensor:
+        """(Q,) bool: candidates in a Hungarian pair with IoU > 0 (a zero-IoU pair is only filler)."""
+        assigned = torch.zeros_like(match.fg)
+        assigned[match.pred_idx[match.iou > 0]] = True
+        return assigned
+
+    def _iou_rows(self, match: MatchResult) -> Tensor:
+        if self.iou_over == "all":
+            return torch.ones_like(match.fg)
+        if self.iou_over == "assigned":
+            return self._assigned(match) | match.fg
+        return match.fg.clone()
+
+    def _cls_rows(self, match: MatchResult) -> Tensor:
+        if self.cls_term == "recipe":
+            return torch.ones_like(match.fg)
+        if self.cls_term == "off":
+            return torch.zeros_like(match.fg)
+        return match.fg | (match.best_iou < self.fg_iou)
+
     def _iou_target(self, match: MatchResult) -> Tensor:
         if self.iou_target == "best":
             return match.best_iou
-        assigned = torch.zeros_like(match.fg)
-        assigned[match.pred_idx] = True
+        assigned = self._assigned(match)
+        if self.iou_target == "assigned_zero":
+            return torch.where(assigned, match.true_iou, torch.zeros_like(match.true_iou))
         return torch.where(assigned, match.true_iou, match.best_iou)
 
     def _weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:

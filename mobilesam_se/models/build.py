@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mobilesam_se.models.image_encoder import MOBILESAM_TINYVIT, TINY_TINYVIT, TinyVitImageEncoder
+from mobilesam_se.models.image_encoder import MOBILESAM_TINYVIT, SMALL_TINYVIT, TINY_TINYVIT, TinyVitImageEncoder
 from mobilesam_se.models.mask_decoder import MaskDecoder
 from mobilesam_se.models.prompt_encoder import PromptEncoder
 from mobilesam_se.models.sam import SamModel
@@ -12,6 +12,7 @@ from mobilesam_se.models.transformer import TwoWayTransformer
 # Decoder sizes: SAM's, and a tiny one for tests / CPU smoke runs.
 DECODER_SIZES = {
     "sam": dict(dim=256, depth=2, heads=8, mlp_dim=2048, iou_hidden=256, mask_in_chans=16),
+    "small": dict(dim=64, depth=2, heads=4, mlp_dim=256, iou_hidden=64, mask_in_chans=16),
     "tiny": dict(dim=32, depth=2, heads=2, mlp_dim=64, iou_hidden=32, mask_in_chans=16),
 }
 
@@ -47,10 +48,12 @@ def build_mobilesam(
     """
     if size == "full":
         model = build_sam_head(TinyVitImageEncoder(MOBILESAM_TINYVIT, drop_path_rate), image_size, "sam")
+    elif size == "small":
+        model = build_sam_head(TinyVitImageEncoder(SMALL_TINYVIT, drop_path_rate), image_size, "small")
     elif size == "tiny":
         model = build_sam_head(TinyVitImageEncoder(TINY_TINYVIT, drop_path_rate), image_size, "tiny")
     else:
-        raise ValueError(f"model.size must be 'full' or 'tiny', got {size!r}")
+        raise ValueError(f"model.size must be 'full', 'small' or 'tiny', got {size!r}")
     if checkpoint:
         from mobilesam_se.models.checkpoint import load_model_weights
 

@@ -1,0 +1,61 @@
+"""Start-up checks of a training run: a plain-rule start from random weights is refused, and a
+dataset without a validation split validates on the training data only with a warning and a record."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hydra_utils import TINY_RUN, compose_cfg
+from mobilesam_se.data.folder_writer import write_folder_sample
+from mobilesam_se.setup import build_run, check_can_learn, resolve_val_split
+
+
+def test_seed_everything_without_checkpoint_refuses_naming_the_flag():
+    cfg = compose_cfg(["experiment=seed_everything"])
+    with pytest.raises(ValueError, match="model.checkpoint="):
+        check_can_learn(cfg)
+    check_can_learn(compose_cfg(["experiment=seed_everything", "model.checkpoint=mobile_sam.pt"]))
+    check_can_learn(compose_cfg(["experiment=seed_everything", "matching.allow_random_init=true"]))
+    check_can_learn(compose_cfg([]))  # the default from-scratch run (bootstrap matching)
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        mask = np.zeros((32, 32), bool)
+        mask[4:20, 4:20] = True
+        write_folder_sample(root, f"{i}", rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), [mask])
+    return root
+
+
+def test_missing_val_split_warns_and_is_recorded(tmp_path, caplog):
+    root = _folder(tmp_path / "train")
+    cfg = compose_cfg(["dataset=folder", f"dataset.root={root}"])
+    with caplog.at_level(logging.WARNING):
+        assert resolve_val_split(cfg) is True
+    assert "TRAINING data" in caplog.text and "dataset.val_root=" in caplog.text
+    assert cfg.dataset.val_root == str(root) and cfg.dataset.val_is_train is True
+
+    caplog.clear()
+    explicit = compose_cfg(["dataset=folder", f"dataset.root={root}", "dataset.val_root=${dataset.root}"])
+    with caplog.at_level(logging.WARNING):
+        assert resolve_val_split(explicit) is True  # on purpose: recorded, not warned
+    assert "TRAINING" not in caplog.text
+
+    val = _folder(tmp_path / "val")
+    split = compose_cfg(["dataset=folder", f"dataset.root={root}", f"dataset.val_root={val}"])
+    assert resolve_val_split(split) is False and split.dataset.val_is_train is False
+
+
+def test_the_run_records_val_is_train_in_its_config(tmp_path):
+    root = _folder(tmp_path / "train")
+    tiny = [o for o in TINY_RUN if not o.startswith(("dataset.train.", "dataset.val."))]
+    cfg = compose_cfg(tiny + ["dataset=folder", f"dataset.root={root}", "trainer.max_epochs=1",
+                                  "dataset.grid_points=2", "model.image_size=64"])
+    trainer, cleanup = build_run(cfg, out_dir=tmp_path / "run")
+    try:
+        trainer.fit()
+    finally:
+        cleanup()
+    assert "val_is_train: true" in (tmp_path / "run" / "config_resolved.yaml").read_text()
