@@ -40,7 +40,7 @@ HEADLINE = ["distillation=full", "model.multimask_output=false"]
 SMALL = 128  # smoke size of the short runs: 8x8 embeddings
 
 
-def run_py(args: List[str], env: Dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+def run_py(args: List[str], env: Dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
