@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mobilesam_se.engine.preemption import exit_after_checkpoint
+from mobilesam_se.errors import report_user_errors
 from mobilesam_se.setup import build_run, register_resolvers
 
 log = logging.getLogger("run")
@@ -23,6 +24,7 @@ register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@report_user_errors  # bad config / data / checkpoint: one plain message (HYDRA_FULL_ERROR=1: the traceback)
 def main(cfg: DictConfig) -> Dict[str, Any]:
     trainer, cleanup = build_run(cfg)
     try:

@@ -50,6 +50,7 @@ class DatasetConfig:
     prompts_per_step: Optional[int] = None  # sub-sample the grid per step (None: all)
     max_masks_per_image: Optional[int] = None
     on_error: str = "raise"  # raise | skip
+    check_cache: Optional[str] = None  # folder caching the start-up dataset check; None: $MOBILESAM_SE_CACHE or ~/.cache/mobilesam_se
     batch_size: int = 1
     val_batch_size: int = 1
     num_workers: int = 0
@@ -266,6 +267,9 @@ class Config:
     seed: int = 0
     task_name: str = "train"
     output_dir: Optional[str] = None  # defaults to Hydra's run directory
+    # where checkpoint names (mobile_sam, sam_vit_h, ...) are downloaded; None: $MOBILESAM_SE_WEIGHTS,
+    # $TORCH_HOME/mobilesam_se or ~/.cache/torch/mobilesam_se (mobilesam_se/weights.py)
+    weights_dir: Optional[str] = None
 
 
 def register_configs() -> None:

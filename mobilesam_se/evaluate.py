@@ -20,6 +20,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mobilesam_se.config import DatasetConfig, ModelConfig
+from mobilesam_se.errors import UserError, report_user_errors
 from mobilesam_se.setup import register_resolvers
 
 log = logging.getLogger("evaluate")
@@ -48,7 +49,8 @@ class CalibrationConfig:
 class EvaluateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt
+    checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt, or a name (mobile_sam)
+    weights_dir: Optional[str] = None  # where names are downloaded (mobilesam_se/weights.py)
     allow_random: bool = False  # evaluate a randomly initialised model (demos, tests)
     split: str = "val"  # val | train
     output: Optional[str] = None  # default: Hydra's run directory
@@ -94,18 +96,21 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
     from mobilesam_se.models.checkpoint import load_model_weights
     from mobilesam_se.setup import seed_everything
 
+    from mobilesam_se.weights import resolve
+
     checkpoint = cfg.checkpoint or cfg.model.get("checkpoint")
     if not checkpoint and not cfg.allow_random:
-        raise ValueError("checkpoint=<file> is required (mobile_sam.pt, best.pt or last.ckpt); "
-                         "allow_random=true evaluates a randomly initialised model")
+        raise UserError("checkpoint=<file or name> is required (mobile_sam, mobile_sam.pt, best.pt or last.ckpt); "
+                        "allow_random=true evaluates a randomly initialised model")
     if cfg.split not in ("val", "train"):
-        raise ValueError(f"split must be val or train, got {cfg.split!r}")
+        raise UserError(f"split must be val or train, got split={cfg.split}")
     from mobilesam_se.setup import resolve_val_split
 
     val_is_train = resolve_val_split(cfg) if cfg.split == "val" else False
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
-        raise ValueError(f"dataset {cfg.dataset.name} has no {cfg.split} split")
+        raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split (set split=train or another dataset=)")
+    checkpoint = resolve(checkpoint, cfg.get("weights_dir")) if checkpoint else None
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -120,7 +125,7 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
         overrides["max_masks_per_image"] = None
     dataset = instantiate(ds_cfg, **overrides)
     if len(dataset) == 0:
-        raise ValueError(f"the {cfg.split} split of dataset {cfg.dataset.name} is empty")
+        raise UserError(f"the {cfg.split} split of dataset {cfg.dataset.name} is empty")
 
     if cfg.output:
         out_dir = Path(cfg.output)
@@ -167,6 +172,7 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@report_user_errors(extra=(FileNotFoundError,))
 def main(cfg: DictConfig) -> Dict[str, Any]:
     return run_evaluation(cfg)
 

@@ -177,9 +177,9 @@ def run(cfg) -> Path:
         raise ValueError("checkpoint=<file> is required (mobile_sam.pt, best.pt or last.ckpt)")
     if not cfg.out:
         raise ValueError("out=<file> is required")
-    ckpt = Path(cfg.checkpoint)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    from mobilesam_se.weights import resolve
+
+    ckpt = Path(resolve(cfg.checkpoint, cfg.get("weights_dir")))  # a file, or a name such as mobile_sam
     fmt = str(cfg.format)
     if fmt not in ("mobile_sam", "onnx"):
         raise ValueError(f"format must be mobile_sam or onnx, got {fmt!r}")
@@ -207,15 +207,12 @@ def run(cfg) -> Path:
 def _main() -> None:
     import hydra
 
-    @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
-    def main(cfg) -> None:
-        from mobilesam_se.models.checkpoint import CheckpointError
+    from mobilesam_se.errors import report_user_errors
 
-        try:
-            run(cfg)
-        except (FileNotFoundError, CheckpointError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
+    @report_user_errors(extra=(FileNotFoundError, ValueError))
+    def main(cfg) -> None:
+        run(cfg)
 
     main()
 

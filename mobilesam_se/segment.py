@@ -73,9 +73,9 @@ def run(cfg) -> List[Path]:
     for key in ("checkpoint", "input", "output"):
         if not cfg.get(key):
             raise ValueError(f"{key}=... is required: python -m mobilesam_se.segment checkpoint=<file> input=<image|folder> output=<dir>")
-    ckpt, src, out_dir = Path(cfg.checkpoint), Path(cfg.input), Path(cfg.output)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    from mobilesam_se.weights import resolve
+
+    ckpt, src, out_dir = Path(resolve(cfg.checkpoint, cfg.get("weights_dir"))), Path(cfg.input), Path(cfg.output)
     files = find_images(src, bool(cfg.get("recursive", False)))
     gen_kwargs = OmegaConf.to_container(cfg.generator, resolve=True)
     from mobilesam_se.inference.thresholds import apply_tuned, explicit_generator_keys
@@ -115,16 +115,12 @@ def run(cfg) -> List[Path]:
 def _main() -> None:
     import hydra
 
-    @hydra.main(config_path="../conf", config_name="segment", version_base="1.3")
-    def main(cfg) -> None:
-        from mobilesam_se.data.errors import DatasetError
-        from mobilesam_se.models.checkpoint import CheckpointError
+    from mobilesam_se.errors import report_user_errors
 
-        try:
-            files = run(cfg)
-        except (FileNotFoundError, CheckpointError, DatasetError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+    @hydra.main(config_path="../conf", config_name="segment", version_base="1.3")
+    @report_user_errors(extra=(FileNotFoundError, ValueError))
+    def main(cfg) -> None:
+        files = run(cfg)
         print(f"wrote {len(files)} JSON file(s) and overlays to {cfg.output}")
 
     main()

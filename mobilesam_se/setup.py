@@ -84,10 +84,11 @@ def resolve_val_split(cfg: DictConfig) -> bool:
 def check_can_learn(cfg: DictConfig) -> None:
     """The plain matching rule (IoU >= fg_iou, no point credit) has nothing to learn from in random
     weights: no candidate reaches IoU 0.5, so nothing is ever foreground. Refuse that start."""
+    from mobilesam_se.errors import ConfigError
     m = cfg.matching
     plain = float(m.get("point_credit", 0.0)) == 0.0 and not m.get("point_fg", False)
     if plain and not cfg.model.get("checkpoint") and not m.get("allow_random_init", False):
-        raise ValueError(
+        raise ConfigError(
             "matching=default (the plain IoU >= 0.5 rule, used by experiment=seed_everything) cannot learn "
             "from random weights: no candidate ever becomes foreground. Pass model.checkpoint=/path/to/mobile_sam.pt "
             "(or a best.pt of your own), use matching=bootstrap to train from scratch, or set "
@@ -95,23 +96,65 @@ def check_can_learn(cfg: DictConfig) -> None:
         )
 
 
-def build_datasets(cfg: DictConfig):
+def _require_paths(cfg: DictConfig, split: str, node: DictConfig) -> None:
+    """A dataset path left unset names the key the user sets (e.g. dataset.root), not a TypeError."""
+    from mobilesam_se.errors import UserError
+
+    raw = OmegaConf.to_container(node, resolve=False)
+    for key in ("root", "image_dir", "annotation_file"):
+        if key in node and node.get(key) is None:
+            value = raw.get(key)
+            src = value[2:-1] if isinstance(value, str) and value.startswith("${") else f"dataset.{split}.{key}"
+            raise UserError(f"{src} is not set (dataset={cfg.dataset.name}): pass {src}=<path> on the command line")
+
+
+def build_datasets(cfg: DictConfig, progress: bool = False):
+    """Index both splits, then check every sample (cached per dataset version, see data/checks.py).
+
+    The datasets are indexed in skip mode so that the check sees every problem, the indexing ones
+    and the decoding ones, and reports them together; with dataset.on_error=raise any problem then
+    stops the run, with dataset.on_error=skip the bad samples are dropped and reported."""
     from mobilesam_se.data.checks import check_dataset
     from mobilesam_se.data.errors import DatasetError
 
     resolve_val_split(cfg)
-    train_set = instantiate(cfg.dataset.train)
-    val_set = instantiate(cfg.dataset.val) if cfg.dataset.val is not None else None
-    # Fail fast on a broken dataset, before the first step (dataset.on_error=skip drops and reports).
-    for name, ds in (("train", train_set), ("val", val_set)):
-        if ds is None:
+    sets = {}
+    problems = []
+    for name in ("train", "val"):
+        node = cfg.dataset.get(name)
+        if node is None:
+            sets[name] = None
             continue
-        problems = check_dataset(ds)
-        if problems and cfg.dataset.on_error == "raise":
-            raise DatasetError(problems)
-        if problems:
-            log.warning("%s set: skipped %d bad sample(s); first: %s", name, len(problems), problems[0])
-    return train_set, val_set
+        _require_paths(cfg, name, node)
+        ds = instantiate(node, on_error="skip")
+        found = check_dataset(ds, progress=progress, cache_dir=cfg.dataset.get("check_cache"))
+        if found and cfg.dataset.on_error != "raise":
+            log.warning("%s set: skipped %d bad sample(s); first: %s", name, len(found), found[0])
+        problems += [p for p in found if p not in problems]  # val may be the train folder: each problem once
+        ds.on_error = cfg.dataset.on_error
+        sets[name] = ds
+    if problems and cfg.dataset.on_error == "raise":
+        raise DatasetError(problems)  # fix the data, or dataset.on_error=skip to train without them
+    return sets["train"], sets["val"]
+
+
+def resolve_checkpoints(cfg: DictConfig) -> list:
+    """Config checks, then every checkpoint name -> a verified local file (one message for all
+    missing ones). Runs before any image is decoded or model built. Returns the teacher specs."""
+    import dataclasses as dc
+
+    from mobilesam_se.weights import resolve_many
+
+    specs = []
+    if cfg.distillation.get("enabled", False):
+        from mobilesam_se.distill import check_distillation
+
+        specs = check_distillation(cfg)
+    paths = resolve_many([cfg.model.get("checkpoint")] + [s.checkpoint for s in specs], cfg.get("weights_dir"))
+    if cfg.model.get("checkpoint"):
+        with open_dict(cfg):
+            cfg.model.checkpoint = paths[0]
+    return [dc.replace(s, checkpoint=p) for s, p in zip(specs, paths[1:])]
 
 
 def sweep_labels(cfg: DictConfig) -> dict:
@@ -145,11 +188,14 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
         logging.getLogger().setLevel(logging.WARNING)  # logs from rank 0; warnings from every rank
     # Each rank's Hydra resolved its own ${now:...}: all use rank 0's directory.
     out_dir = Path(broadcast_object(str(out_dir or output_dir(cfg)), dist_info))
-    seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts
+    # Cheap first: config and checkpoint files (widths, mode, downloads), then the data check, then
+    # the heavy parts (student, teachers).
     check_can_learn(cfg)
+    teacher_specs = resolve_checkpoints(cfg)
+    train_set, val_set = build_datasets(cfg, progress=bool(cfg.trainer.get("progress", True)) and dist_info.is_main)
+    seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts
     model = instantiate(cfg.model.net)
     criterion = instantiate(cfg.loss)
-    train_set, val_set = build_datasets(cfg)
     logger = None
     if cfg.get("logger") is not None and dist_info.is_main:
         labels = sweep_labels(cfg)
@@ -161,7 +207,8 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     if cfg.distillation.get("enabled", False):
         from mobilesam_se.distill import build_distiller
 
-        distiller = build_distiller(cfg, model_image_size=cfg.model.image_size)
+        distiller = build_distiller(cfg, model_image_size=cfg.model.image_size, specs=teacher_specs,
+                                    train_files=train_set.image_paths)
     extra_loss = None
     if cfg.dataset.mode in ("single", "mixed"):
         from mobilesam_se.prompted import build_prompted_loss

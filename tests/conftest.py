@@ -37,3 +37,9 @@ def perturbed_official_state_dict(ref: torch.nn.Module, seed: int = 0, scale: fl
         else:
             sd[k] = v + scale * torch.randn(v.shape, generator=g)
     return sd
+
+# The start-up dataset check caches its results (mobilesam_se/data/checks.py): one folder per test session.
+if "MOBILESAM_SE_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["MOBILESAM_SE_CACHE"] = tempfile.mkdtemp(prefix="mobilesam_se_cache_")

@@ -13,6 +13,7 @@ from mobilesam_se.distill.cache import main as cache_main, precompute
 from mobilesam_se.distill.embedding_cache import EmbeddingCache
 from mobilesam_se.distill.distiller import TERM_NAMES, Distiller, MaskTeacherSettings, Teacher
 from mobilesam_se.distill.plateau import PlateauLambda
+from mobilesam_se.errors import UserError
 from mobilesam_se.engine.everything import everything_step
 from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models import teachers as teachers_mod
@@ -216,20 +217,21 @@ def test_sam_checkpoint_loads_strictly_through_the_sam_vit_mapping(tmp_path, mon
         build_teacher_model(TeacherSpec("b", "sam_vit_b", str(path)), S)
 
 
-def test_missing_teacher_checkpoint_fails_at_start_naming_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAM_CKPT_DIR", str(tmp_path))
-    cfg = compose_cfg(["distillation=seed", "model=mobilesam", f"model.image_size={S}"])
-    with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth.*mobile_sam.pt"):
+def test_missing_teacher_checkpoint_fails_at_start_naming_the_file(tmp_path):
+    cfg = compose_cfg(["distillation=seed", f"model.image_size={S}",
+                       f"distillation.teachers.0.checkpoint={tmp_path / 'sam_vit_h_4b8939.pth'}",
+                       f"distillation.teachers.1.checkpoint={tmp_path / 'mobile_sam.pt'}"])
+    with pytest.raises(UserError, match="checkpoint not found: .*sam_vit_h_4b8939.pth"):
         build_distiller(cfg)
 
 
 def test_width_mismatch_is_a_clear_error_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAM_CKPT_DIR", str(tmp_path))
-    for name in ("sam_vit_h_4b8939.pth", "mobile_sam.pt"):
-        (tmp_path / name).write_bytes(b"")  # never read: the width check comes first
-    cfg = compose_cfg(["distillation=seed", "model=tiny"])
-    with pytest.raises(ValueError, match="width 256.*32"):
+    calls = []
+    monkeypatch.setattr("mobilesam_se.distill.resolve_many", lambda *a, **k: calls.append(a) or [])
+    cfg = compose_cfg(["distillation=seed", "model=tiny"])  # checkpoints by name: nothing is fetched first
+    with pytest.raises(UserError, match="width 256, the student \\(model.size=tiny\\) 32.*set model=mobilesam") as info:
         build_distiller(cfg)
+    assert "\n" not in str(info.value) and calls == []
 
 
 def test_tiny_teacher_switch_and_flags():
@@ -367,7 +369,7 @@ def test_replace_gt_targets_from_a_hand_made_teacher():
     areas = sorted(int(m.sum()) for m in targets[2:])
     assert areas == [half * half] * 3 + [side * side]
     assert out["image"] is batch["image"] and batch["masks_lowres"][0] is gt  # the input batch is untouched
-    assert d._target_stats == {"replaced": 1.0, "added": 4.0}
+    assert d._target_stats == {"replaced": 1.0, "added": 4.0, "duplicates": 0.0}
 
 
 def test_dual_supervision_adds_a_soft_loss_toward_teacher_masks():

@@ -178,13 +178,44 @@ def test_replace_gt_keeps_gt_and_adds_unannotated_teacher_masks():
         _box(0, 8, 10, 16),  # overlaps the third GT at IoU 0.5 < 0.6: kept as its own target
     ])
     targets, counts = mt.replace_with_gt(teacher, gt, iou_threshold=0.6)
-    assert counts == {"replaced": 1, "added": 2}
+    assert counts == {"replaced": 1, "added": 2, "duplicates": 0}
     assert targets.shape == (5, 16, 16)
     assert all(torch.equal(targets[i], gt[i]) for i in range(3))  # every GT stays, the matched one in place of the teacher's
     assert torch.equal(targets[3], teacher[1]) and torch.equal(targets[4], teacher[2])
     # Degenerate sides.
     assert mt.replace_with_gt(teacher[:0], gt, 0.5)[0].shape[0] == 3
-    assert mt.replace_with_gt(teacher, gt[:0], 0.5)[1] == {"replaced": 0, "added": 3}
+    assert mt.replace_with_gt(teacher, gt[:0], 0.5)[1] == {"replaced": 0, "added": 3, "duplicates": 0}
+
+
+def test_replace_gt_adds_no_duplicate_of_an_annotated_object():
+    # Two teacher masks at IoU 0.8 with one GT mask: one stands for it (replaced), the other is a
+    # second copy of the same object and must not become a new target.
+    gt = _box(0, 10, 0, 10)[None]
+    teacher = torch.stack([_box(0, 10, 0, 8), _box(0, 8, 0, 10), _box(12, 16, 12, 16)])
+    iou = [float((t & gt[0]).sum()) / float((t | gt[0]).sum()) for t in teacher[:2]]
+    assert iou == [0.8, 0.8]
+    targets, counts = mt.replace_with_gt(teacher, gt, iou_threshold=0.5)
+    assert counts == {"replaced": 1, "added": 1, "duplicates": 1}
+    assert targets.shape[0] == 2 and torch.equal(targets[0], gt[0]) and torch.equal(targets[1], teacher[2])
+
+
+def test_dual_supervision_soft_term_is_minimal_with_zero_gradient_at_the_teacher():
+    g = _gen(3)
+    teacher_logits = 4 * torch.randn(2, 16, 16, generator=g)
+    probs = torch.sigmoid(teacher_logits)
+    at = teacher_logits.clone().requires_grad_()
+    dice = T.soft_dice(at, probs)
+    dice.backward()
+    assert abs(float(dice.detach())) < 1e-5 and float(at.grad.abs().max()) < 1e-6
+    # A sharper student (same signs, larger logits) and a blurred one both score worse.
+    for other in (3 * teacher_logits, 0.3 * teacher_logits, teacher_logits + 0.1 * torch.randn(2, 16, 16, generator=g)):
+        assert float(T.soft_dice(other, probs)) > float(dice) + 1e-6
+    # The whole dual-supervision loss (KL + dice) at the teacher: zero, no gradient.
+    tm = mt.TeacherMasks(teacher_logits.clamp(-6, 6), torch.tensor([0.95, 0.9]))
+    student = tm.logits.clone()[:, None].requires_grad_()  # 2 prompts x 1 candidate = the teacher masks
+    out = mt.dual_supervision_loss(student, tm, None, fg_iou=0.0)
+    out["loss"].backward()
+    assert out["pairs"] == 2 and abs(float(out["loss"])) < 1e-5 and float(student.grad.abs().max()) < 1e-6
 
 
 def test_dual_supervision_pulls_matched_candidates_toward_the_teacher():

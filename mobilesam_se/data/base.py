@@ -6,8 +6,10 @@ with every problem it finds for that record.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Generic, List, Optional, Sequence, Set, Tuple, TypeVar
+from pathlib import Path
+from typing import Dict, Generic, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -97,6 +99,10 @@ class MaskDataset(Dataset, Generic[R]):
     def ids(self) -> List[str]:
         return [r.image_id for r in self._records]
 
+    @property
+    def image_paths(self) -> List[str]:
+        return [str(r.image_path) for r in self._records]
+
     def __len__(self) -> int:
         return len(self._records)
 
@@ -126,22 +132,46 @@ class MaskDataset(Dataset, Generic[R]):
         With on_error="skip" the bad samples are also dropped from the index, and the list holds
         everything skipped so far (indexing problems included).
         """
-        problems: List[Problem] = []
+        bad = self.decode_problems(progress)
+        self.drop_bad(bad)
+        if self.on_error == "raise":
+            return [p for i in sorted(bad) for p in bad[i]]
+        return list(self.skipped)
+
+    def decode_problems(self, progress: bool = False) -> Dict[int, List[Problem]]:
+        """Decode every indexed sample; index -> its problems, for the samples that have any."""
+        bad: Dict[int, List[Problem]] = {}
         indices = [i for i in range(len(self._records)) if i not in self._bad]
-        for i in tqdm(indices, desc=f"validating {self.source}", unit="image", disable=not progress):
+        for i in tqdm(indices, desc=f"checking {self.source}", unit="image", disable=not progress):
             try:
                 self._decode(self._records[i])
             except DatasetError as exc:
-                problems.extend(exc.problems)
-                if self.on_error == "skip":
-                    self._mark_bad(i, exc.problems, log=False)
-        if self.on_error == "raise":
-            return problems
-        if self._bad:
-            logger.warning("%s: dropped %d unreadable image(s) from the index", self.source, len(self._bad))
-            self._records = [r for i, r in enumerate(self._records) if i not in self._bad]
-            self._bad = set()
-        return list(self.skipped)
+                bad[i] = list(exc.problems)
+        return bad
+
+    def drop_bad(self, bad: Dict[int, List[Problem]]) -> None:
+        """on_error="skip": drop these samples from the index and record their problems."""
+        if self.on_error != "skip":
+            return
+        for i, problems in bad.items():
+            self._mark_bad(i, problems, log=False)
+        if not self._bad:  # also those __getitem__ already met
+            return
+        logger.warning("%s: dropped %d unreadable image(s) from the index", self.source, len(self._bad))
+        self._records = [r for i, r in enumerate(self._records) if i not in self._bad]
+        self._bad = set()
+
+    def source_files(self) -> List[Path]:
+        """Every file decoding reads (the dataset check's cache is keyed by their sizes and times)."""
+        files: List[Path] = []
+        for record in self._records:
+            for f in dataclasses.fields(record):
+                value = getattr(record, f.name)
+                if isinstance(value, Path):
+                    files.append(value)
+                elif isinstance(value, tuple) and value and all(isinstance(v, Path) for v in value):
+                    files.extend(value)
+        return files
 
     # ---- helpers ------------------------------------------------------------------------------
     def _mark_bad(self, index: int, problems: Sequence[Problem], log: bool = True) -> None:

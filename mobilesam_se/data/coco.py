@@ -99,6 +99,9 @@ class CocoDataset(MaskDataset[CocoRecord]):
             records.append(CocoRecord(str(key), path, hw, tuple(per_image[key]), tuple(crowd[key])))
         return records, problems
 
+    def source_files(self) -> List[Path]:
+        return [self.annotation_file, *super().source_files()]  # the masks come from the JSON
+
     def _decode(self, record: CocoRecord) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         problems: List[Problem] = []
         image = None

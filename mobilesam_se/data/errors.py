@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, List
 
+from mobilesam_se.errors import UserError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -25,7 +27,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """Raised for bad data; `problems` lists every problem found, each naming its file."""
 
     def __init__(self, problems: Iterable[Problem] | Problem) -> None:

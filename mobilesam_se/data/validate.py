@@ -14,6 +14,7 @@ from mobilesam_se.data.base import MaskDataset
 from mobilesam_se.data.checks import check_dataset
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.factory import build_dataset
+from mobilesam_se.errors import report_user_errors
 
 KINDS = ("folder", "coco", "sa1b")
 
@@ -25,6 +26,7 @@ def _open_dataset(args: argparse.Namespace) -> MaskDataset:
     return build_dataset(args.kind, root=args.root, on_error="skip")
 
 
+@report_user_errors
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mobilesam_se.data.validate", description="List every problem of a dataset at once."
@@ -35,6 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     parser.add_argument("--annotations", help="COCO instances JSON (with --kind coco)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="decode everything even if this exact dataset was checked before")
     args = parser.parse_args(argv)
     args.kind = args.kind or ("coco" if args.annotations else "folder")
     if args.kind == "coco" and not args.annotations:
@@ -45,7 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("mobilesam_se.data").setLevel(logging.ERROR)
     try:
         dataset = _open_dataset(args)
-        problems: List[Problem] = check_dataset(dataset, progress=not args.no_progress)
+        problems: List[Problem] = check_dataset(dataset, progress=not args.no_progress,
+                                                cache_dir=False if args.no_cache else None)
     except DatasetError as exc:  # the dataset cannot even be indexed (wrong root, bad JSON)
         problems = exc.problems
     for problem in problems:

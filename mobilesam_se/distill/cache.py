@@ -3,8 +3,10 @@
     python -m mobilesam_se.distill.cache distillation=seed distillation.cache_dir=/scratch/emb [overrides]
     python -m mobilesam_se.distill.cache --splits train,val distillation=seed distillation.cache_dir=...
 
-The overrides are run.py's; the dataset, model.image_size and teachers they select are the ones
-cached. Entries already present under the same key are skipped.
+The overrides are run.py's; the dataset, model.image_size (1024 with the presets) and teachers they
+select are the ones cached, so pass the training run's overrides. Entries already present under the
+same key are skipped. Training with the same distillation.cache_dir then never loads the teachers'
+image encoders.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+from hydra.errors import ConfigCompositionException, OverrideParseException
+
+from mobilesam_se.errors import UserError, report_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +44,16 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
     from mobilesam_se.data.sample import collate_samples
     from mobilesam_se.distill import build_distiller
     from mobilesam_se.engine.trainer import resolve_device
-    from mobilesam_se.setup import build_datasets
+    from mobilesam_se.setup import build_datasets, resolve_checkpoints
 
+    if not cfg.distillation.get("enabled", False):
+        raise UserError("choose a distillation preset whose teachers to cache, e.g. distillation=seed")
     if not cfg.distillation.get("cache_dir"):
-        raise ValueError("set distillation.cache_dir=<folder> to pre-compute the teacher cache")
-    distiller = build_distiller(cfg, model_image_size=cfg.model.image_size)
+        raise UserError("set distillation.cache_dir=<folder> to pre-compute the teacher cache")
+    specs = resolve_checkpoints(cfg)
+    train_set, val_set = build_datasets(cfg, progress=progress)
+    distiller = build_distiller(cfg, model_image_size=cfg.model.image_size, specs=specs)
     device = resolve_device(cfg.trainer.device)
-    train_set, val_set = build_datasets(cfg)
     sets = {"train": train_set, "val": val_set}
     counts = {"images": 0, "computed": 0}
     for split in splits:
@@ -56,9 +65,13 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
         for batch in tqdm(loader, desc=f"teacher cache ({split})", disable=not progress):
             counts["computed"] += distiller.fill_cache(batch, device)
             counts["images"] += len(batch["file_name"])
+    for t in distiller.teachers:
+        log.info("teacher %r: cache hit rate %.1f%% (%d of %d)", t.name, 100 * t.cache.hit_rate, t.cache.hits,
+                 t.cache.hits + t.cache.misses)
     return counts
 
 
+@report_user_errors(extra=(ConfigCompositionException, OverrideParseException))
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--splits", default="train", help="comma-separated: train, val or train,val")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ from mobilesam_se.distill import terms as T
 from mobilesam_se.distill.embedding_cache import EmbeddingCache
 from mobilesam_se.distill.plateau import PlateauLambda
 from mobilesam_se.models.sam import SamModel
-from mobilesam_se.models.teachers import TeacherSpec
+from mobilesam_se.models.teachers import TeacherSpec, has_encoder
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,22 @@ class Teacher:
     spec: TeacherSpec
     model: SamModel
     cache: Optional[EmbeddingCache] = None
+    load_full: Optional[Callable[[], SamModel]] = None  # builds the whole teacher (model may lack its encoder)
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def ensure_encoder(self, device: Optional[torch.device]) -> None:
+        """Load the image encoder after all, when a cache entry turns out to be missing or bad."""
+        if has_encoder(self.model):
+            return
+        if self.load_full is None:
+            raise RuntimeError(f"teacher {self.name!r} has no image encoder and no way to load one")
+        log.warning("teacher %r: a cache entry is missing or bad; loading its image encoder now", self.name)
+        self.model = self.load_full()
+        if device is not None:
+            self.model.to(device)
 
 
 @dataclass
@@ -160,6 +172,7 @@ class Distiller:
             return emb
         device = pixels.device
         if teacher.cache is None:
+            teacher.ensure_encoder(self._device)
             with _teacher_precision(device):
                 return teacher.model.encode(pixels).float()
         files = list(batch.get("file_name") or [None] * pixels.shape[0])
@@ -167,6 +180,7 @@ class Distiller:
         found = [teacher.cache.load(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]
         if missing:
+            teacher.ensure_encoder(self._device)
             with _teacher_precision(device):
                 fresh = teacher.model.encode(pixels[missing]).float()
             for j, i in enumerate(missing):
@@ -279,6 +293,8 @@ class Distiller:
                 logs[f"distill/{teacher.name}/{term}"] = parts["loss"]
                 logs.update({f"distill/{teacher.name}/{term}/{k}": v for k, v in parts.items() if k != "loss"})
             distill = distill + teacher.spec.weight * per_teacher
+            if teacher.cache is not None:  # cumulative over the run: how much the cache saves
+                logs[f"distill/{teacher.name}/cache_hit_rate"] = torch.tensor(teacher.cache.hit_rate)
         total = self.schedule.value * distill
         if self.mask_teacher.method == "dual_supervision":
             dual = self._dual_supervision(batch, ctx, embeddings)
@@ -324,13 +340,13 @@ class Distiller:
         emb = self.teacher_embeddings(teacher, batch, pixels)
         self._memo = (batch["image"], teacher.name, emb)  # the loss reuses them this step
         found = self.teacher_masks(teacher, emb, batch["points"].to(device), batch["input_size"])
-        targets, replaced, added = [], 0, 0
+        targets, totals = [], {"replaced": 0.0, "added": 0.0, "duplicates": 0.0}
         for b, tm in enumerate(found):
             merged, counts = mt.replace_with_gt(tm.masks, batch["masks_lowres"][b].to(device), self.mask_teacher.iou_threshold)
             targets.append(merged)
-            replaced += counts["replaced"]
-            added += counts["added"]
-        self._target_stats = {"replaced": float(replaced), "added": float(added)}
+            for k in totals:
+                totals[k] += counts[k]
+        self._target_stats = totals
         return {**batch, "masks_lowres": targets}
 
     def _dual_supervision(self, batch: Mapping[str, Any], ctx: Mapping[str, Any], embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:

@@ -7,10 +7,13 @@ duplicates by greedy mask NMS at `nms_iou`. All at low resolution (S/4), the tar
 
 - replace_gt: the kept teacher masks become references; a teacher mask that a GT mask matches
   (one-to-one Hungarian on IoU, IoU >= iou_threshold) is replaced by that GT mask; GT masks that
-  matched no teacher mask stay. Targets = all GT + the unmatched teacher masks.
+  matched no teacher mask stay. A teacher mask left over that still overlaps some GT mask at IoU >=
+  iou_threshold is a duplicate of an annotated object and is dropped. Targets = all GT + the
+  teacher masks that are like no GT mask.
 - dual_supervision: GT targets unchanged; the student's candidates are also matched to the teacher
   masks (the everything loss's matching rule) and pulled toward the matched teacher probabilities
-  by a soft loss (Bernoulli KL + soft dice), weighted by mask_teacher.weight.
+  by a soft loss (Bernoulli KL + soft dice with a squared denominator, both minimal exactly at the
+  teacher's probabilities), weighted by mask_teacher.weight.
 """
 from __future__ import annotations
 
@@ -68,24 +71,27 @@ def finish(logits: Sequence[Tensor], scores: Sequence[Tensor], nms_iou: float, s
 
 
 def replace_with_gt(teacher: Tensor, gt: Tensor, iou_threshold: float) -> Tuple[Tensor, Dict[str, int]]:
-    """teacher (R, h, w), gt (K, h, w) bool -> targets (K + unmatched R, h, w) bool and counts.
+    """teacher (R, h, w), gt (K, h, w) bool -> targets (K + added, h, w) bool and counts.
 
     Hungarian on IoU pairs each GT with at most one teacher mask; a pair at IoU >= iou_threshold
-    means "the teacher found this annotated object": the GT (the better mask) stands for it. Teacher
-    masks left unpaired, or paired below the threshold, are objects the annotations lack.
+    means "the teacher found this annotated object": the GT (the better mask) stands for it. Of the
+    teacher masks left, those at IoU >= iou_threshold with any GT mask are further copies of an
+    annotated object (dropped); the rest are objects the annotations lack (added).
     """
     teacher, gt = teacher.bool(), gt.to(teacher.device).bool()
     if teacher.shape[0] == 0:
-        return gt, {"replaced": 0, "added": 0}
+        return gt, {"replaced": 0, "added": 0, "duplicates": 0}
     if gt.shape[0] == 0:
-        return teacher, {"replaced": 0, "added": int(teacher.shape[0])}
+        return teacher, {"replaced": 0, "added": int(teacher.shape[0]), "duplicates": 0}
     iou = mask_iou_matrix(teacher, gt)
     t_idx, g_idx = hungarian_match(iou)
     replaced = t_idx[iou[t_idx, g_idx] >= iou_threshold]
     left = torch.ones(teacher.shape[0], dtype=torch.bool, device=teacher.device)
     left[replaced] = False
-    targets = torch.cat([gt, teacher[left]])
-    return targets, {"replaced": int(replaced.numel()), "added": int(left.sum())}
+    duplicate = left & (iou.max(dim=1).values >= iou_threshold)
+    added = left & ~duplicate
+    targets = torch.cat([gt, teacher[added]])
+    return targets, {"replaced": int(replaced.numel()), "added": int(added.sum()), "duplicates": int(duplicate.sum())}
 
 
 def dual_supervision_loss(

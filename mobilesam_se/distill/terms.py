@@ -169,8 +169,12 @@ def rkd(student: Tensor, teacher: Tensor, w_dist: float = 1.0, w_angle: float = 
     return {"loss": w_dist * dist + w_angle * angle, "dist": dist, "angle": angle}
 
 
-def soft_dice(student_logits: Tensor, teacher_probs: Tensor, eps: float = 1.0) -> Tensor:
-    """Dice loss against soft targets, (Q, h, w) each, mean over Q."""
+def soft_dice(student_logits: Tensor, teacher_probs: Tensor, eps: float = 1e-6) -> Tensor:
+    """Dice loss toward soft targets, (Q, h, w) each, mean over Q: 1 - 2 sum(p q) / (sum p^2 + sum q^2).
+
+    The squared denominator makes it 0 exactly at p = q (sum p^2 + sum q^2 >= 2 sum p q, equal only
+    there) with a vanishing gradient, so the teacher's probabilities are its minimum. The linear form
+    1 - 2 sum(p q) / (sum p + sum q) is not: against soft targets it prefers a sharper student."""
     p = torch.sigmoid(student_logits.float()).flatten(1)
     t = teacher_probs.detach().float().flatten(1)
-    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+    return (1 - (2 * (p * t).sum(1) + eps) / ((p * p).sum(1) + (t * t).sum(1) + eps)).mean()

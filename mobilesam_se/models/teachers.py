@@ -16,6 +16,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
+from mobilesam_se.errors import UserError
 from mobilesam_se.models.build import DECODER_SIZES, build_mobilesam, build_sam_head
 from mobilesam_se.models.checkpoint import load_official_state_dict, model_state_from_file, read_checkpoint
 from mobilesam_se.models.sam import SamModel
@@ -29,6 +30,7 @@ from mobilesam_se.models.sam_vit import (
 
 SAM_VIT_MODELS = {"sam_vit_h": "vit_h", "sam_vit_l": "vit_l", "sam_vit_b": "vit_b"}
 TEACHER_MODELS = (*SAM_VIT_MODELS, "mobilesam", "tiny")
+NATIVE_SIZE = 1024  # the input size every official teacher (SAM ViT-B/L/H, MobileSAM) was trained at
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,42 @@ def build_teacher_model(spec: TeacherSpec, image_size: int, tiny_dim: int = 32) 
     return freeze_teacher(model)
 
 
+class EncoderNotLoaded(nn.Module):
+    """Stands in for a teacher's image encoder while its cache serves every image (nothing to load)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this teacher was built without its image encoder (the cache held every image)")
+
+    def state_dict_from_official(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def state_dict_to_official(self, sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        return {}
+
+
+def _read_without_encoder(path: str) -> Dict[str, torch.Tensor]:
+    # mmap: the encoder's tensors (2.4 GB for ViT-H) are never read from disk, only the ~16 MB rest.
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be mapped
+        sd = read_checkpoint(path)
+    sd = model_state_from_file(sd)
+    return {k: v.clone() for k, v in sd.items() if not k.startswith("image_encoder.")}
+
+
+def build_teacher_decoder_only(spec: TeacherSpec, image_size: int) -> SamModel:
+    """A checkpointed teacher's prompt encoder and mask decoder (strictly loaded), no image encoder."""
+    if spec.model == "tiny":
+        raise ValueError("the tiny teacher is built whole (its decoder's init depends on its encoder's)")
+    model = build_sam_head(EncoderNotLoaded(), image_size, "sam")
+    load_official_state_dict(model, _read_without_encoder(str(spec.checkpoint)), str(spec.checkpoint))
+    return freeze_teacher(model)
+
+
+def has_encoder(model: SamModel) -> bool:
+    return not isinstance(getattr(model, "image_encoder", None), EncoderNotLoaded)
+
+
 def freeze_teacher(model: nn.Module) -> nn.Module:
     model.eval()
     for p in model.parameters():
@@ -118,9 +156,10 @@ def check_teacher_files(specs: Iterable[TeacherSpec]) -> None:
     """Fail at start-up, naming every missing checkpoint, before any (multi-GB) file is loaded."""
     missing = [f"{s.name}: {s.checkpoint}" for s in specs if s.model != "tiny" and not os.path.isfile(str(s.checkpoint))]
     if missing:
-        raise FileNotFoundError(
+        raise UserError(
             "distillation teacher checkpoint(s) not found: " + "; ".join(missing)
-            + " (set SAM_CKPT_DIR, fix distillation.teachers, or use distillation.tiny_teacher=true)"
+            + " (fix distillation.teachers[i].checkpoint: a file, or a name such as sam_vit_h / mobile_sam that "
+            "downloads the official weights)"
         )
 
 
@@ -143,5 +182,5 @@ def expected_teacher_dim(spec: TeacherSpec, tiny_dim: int = 32) -> int:
 
 __all__: List[str] = [
     "TEACHER_MODELS", "TeacherSpec", "SamVitImageEncoder", "build_sam_vit_teacher", "build_teacher_model",
-    "freeze_teacher", "check_teacher_files", "teacher_fingerprint", "teacher_dim", "expected_teacher_dim",
+    "freeze_teacher", "check_teacher_files", "build_teacher_decoder_only", "has_encoder", "NATIVE_SIZE", "teacher_fingerprint", "teacher_dim", "expected_teacher_dim",
 ]
