@@ -52,6 +52,7 @@ CLI_SMOKE = {
     "segment": ["generator.points_per_side=2", "progress=false"],
     "evaluate": ["max_images=1", "dataset.grid_points=2", "progress=false", "model.image_size=128", "output=eval_out"],
     "export": ["onnx.check=false"],
+    "tune": ["max_images=1", "dataset.grid_points=2", "progress=false", "model.image_size=128", "write=false"],
     "distill.cache": ["model.image_size=128", "dataset.grid_points=2", "dataset.batch_size=1"],
 }
 
@@ -112,8 +113,8 @@ def world(tmp_path_factory) -> Iterator[Dict[str, str]]:
 
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp / "photos" / "p.png")
     torch.manual_seed(0)
-    tiny_best = tmp / "tiny_best.pt"
-    export_official(build_mobilesam(256, "tiny"), tiny_best)
+    run_best = tmp / "run_best.pt"  # what the default run (`python run.py`, model=small) writes
+    export_official(build_mobilesam(256, "small"), run_best)
     # Official-layout stand-ins of the named checkpoints (tiny ViTs as SAM ViT-H / B), cached by name.
     wdir = tmp / "weights"
     wdir.mkdir()
@@ -137,7 +138,7 @@ def world(tmp_path_factory) -> Iterator[Dict[str, str]]:
     yield {
         "/data/train": str(folder), "/data/val": str(folder), "/data/mine": str(folder), "/data/mine_val": str(folder),
         "/data/sa1b": str(tmp / "sa1b"), "photos/": str(tmp / "photos"), "masks/": str(tmp / "masks"),
-        "outputs/train/<run>/checkpoints/best.pt": str(tiny_best),
+        "outputs/train/<run>/checkpoints/best.pt": str(run_best),
         "best.pt": str(wdir / "mobile_sam.pt"), "mobile_sam.pt": str(wdir / "mobile_sam.pt"),
         "/scratch/teacher_cache": str(tmp / "teacher_cache"), "_tmp": str(tmp),
     }
@@ -190,7 +191,8 @@ def _run_cli(module: str, args: List[str]) -> None:
     # in-process @hydra.main would look for conf/ as a Python package).
     from hydra import compose, initialize_config_dir
 
-    name, fn = {"segment": ("segment", "run"), "export": ("export", "run"), "evaluate": ("evaluate", "run_evaluation")}[module]
+    name, fn = {"segment": ("segment", "run"), "export": ("export", "run"), "evaluate": ("evaluate", "run_evaluation"),
+                "tune": ("tune", "run_tune")}[module]
     mod = __import__(f"mobilesam_se.{module}", fromlist=[fn])
     if module == "evaluate":
         mod.register_evaluate_schema()
@@ -211,7 +213,7 @@ def _compose_only(args: List[str]) -> None:
         compose_cfg([a for a in args], return_hydra_config=True)
 
 
-CLIS = ("segment", "evaluate", "export", "weights", "distill.cache", "data.validate")
+CLIS = ("segment", "evaluate", "export", "tune", "weights", "distill.cache", "data.validate")
 
 
 def run_command(cmd: str, world: Dict[str, str], label: str) -> str:
