@@ -62,13 +62,63 @@ def fit(rows: List[Dict[str, object]]) -> Dict[str, float]:
     return {"fixed_mb": fixed, "mb_per_prompt": slope, "grid32_extrapolated_mb": fixed + slope * 1024}
 
 
+def compare_step_time(prompts: int, reps: int, image_size: int = 1024) -> Dict[str, object]:
+    """Decoder forward + backward with checkpointing, the lean settings against the previous ones
+    (one checkpointed piece per points_per_batch = `prompts`, no heap release), interleaved in this
+    process; medians. The embedding requires grad, as when the encoder trains."""
+    import torch
+
+    import mobilesam_se.models.sam as sam_module
+    from benchmarks.common import build_pair, interleaved_times, make_inputs, median, peak_memory_bytes
+
+    pair = build_pair(image_size, "sam")
+    model = pair.ours.train()
+    emb, pts = make_inputs(pair, prompts)
+    trim = sam_module._MALLOC_TRIM
+
+    def step(lean: bool):
+        def run() -> None:
+            sam_module._MALLOC_TRIM = trim if lean else None
+            model.checkpoint_chunk = None if lean else prompts
+            model.zero_grad(set_to_none=True)
+            x = emb.detach().requires_grad_(True)
+            out = model.predict_grid(x, pts, points_per_batch=prompts, activation_checkpointing=True)
+            (out.masks.sigmoid().mean() + out.iou_pred.pow(2).mean()).backward()
+        return run
+
+    fns = {"previous": step(False), "lean": step(True)}
+    cpu: Dict[str, list] = {}
+    times = interleaved_times(fns, reps, "cpu", cpu_times=cpu)
+    peaks = {k: peak_memory_bytes(f, "cpu") / 2**20 for k, f in fns.items()}
+    sam_module._MALLOC_TRIM = trim
+    model.checkpoint_chunk = None
+    return {"prompts": prompts, "image_size": image_size, "reps": reps, "times_s": times, "cpu_times_s": cpu,
+            "median_s": {k: median(v) for k, v in times.items()}, "peak_mb": peaks,
+            "time_ratio_lean_over_previous": median(times["lean"]) / median(times["previous"]),
+            "cpu_time_ratio_lean_over_previous": median(cpu["lean"]) / median(cpu["previous"])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grids", default="8,16", help="comma list of dataset.grid_points (32 needs ~10 GB)")
     ap.add_argument("--image-size", type=int, default=1024)
     ap.add_argument("--out", default=None, help="JSON file for the figures")
+    ap.add_argument("--step-time", type=int, default=0, metavar="P",
+                    help="instead: time a P-prompt checkpointed decoder step, lean vs previous settings")
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("overrides", nargs="*", help="extra run.py overrides, after --")
     args = ap.parse_args()
+    if args.step_time:
+        res = compare_step_time(args.step_time, args.reps, args.image_size)
+        res["loadavg"] = os.getloadavg()
+        m = res["median_s"]
+        print(f"{args.step_time} prompts at {args.image_size} px, fwd+bwd with checkpointing: previous {m['previous']:.2f} s, "
+              f"lean {m['lean']:.2f} s (x{res['time_ratio_lean_over_previous']:.2f} wall, "
+              f"x{res['cpu_time_ratio_lean_over_previous']:.2f} CPU time); peak {res['peak_mb']['previous']:.0f} -> "
+              f"{res['peak_mb']['lean']:.0f} MB")
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        return
     grids = [int(g) for g in args.grids.split(",")]
     load0 = os.getloadavg()
     rows = []

@@ -47,6 +47,9 @@ from mobilesam_se.prompts import build_point_grid
 from mobilesam_se.transforms import apply_coords, preprocess_shape
 
 OUTPUT_MODES = ("coco_rle", "binary_mask", "uncompressed_rle")
+# Model precision: fp32 is the exact mode (the reference's masks); bf16 autocasts encoder and decoder
+# (opt-in: faster on GPUs and on CPUs with bf16 matmuls, masks move a little). Filters stay fp32.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 # Upsampled logits per chunk (elements); None picks by device: small on the CPU (cache, heap reuse),
 # large on a GPU (fewer, bigger kernels; each chunk costs a host sync for its filters).
 CPU_UPSAMPLE_ELEMS = 1 << 24
@@ -252,6 +255,8 @@ class EverythingGenerator:
         point_grids: Optional[List[np.ndarray]] = None,
         mask_threshold: float = 0.0,
         upsample_chunk_elems: Optional[int] = None,
+        filter_per_batch: Optional[bool] = None,
+        precision: str = "fp32",
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
@@ -261,6 +266,8 @@ class EverythingGenerator:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
         if crop_n_layers < 0:
             raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         if hierarchical and hierarchical_stride < 2:
             raise ValueError(f"hierarchical_stride must be >= 2, got {hierarchical_stride}")
         self.model = model
@@ -286,11 +293,18 @@ class EverythingGenerator:
         self.hierarchical_stride = hierarchical_stride
         self.mask_threshold = mask_threshold
         self.upsample_chunk_elems = upsample_chunk_elems
+        # None: filter each point batch as it comes on the CPU, once per crop elsewhere (see _run_points).
+        self.filter_per_batch = filter_per_batch
+        self.precision = precision
         self.stats: Dict[str, int] = {}
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def _autocast(self) -> Any:
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
     # -- public ----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -307,7 +321,8 @@ class EverythingGenerator:
             _check_image(image)
         if not images:
             return []
-        embeddings = self.model.encode(self.model.preprocess(list(images)))
+        with self._autocast():
+            embeddings = self.model.encode(self.model.preprocess(list(images)))
         return [self.records(self.generate_masks(im, embeddings[i : i + 1])) for i, im in enumerate(images)]
 
     @torch.inference_mode()
@@ -371,7 +386,8 @@ class EverythingGenerator:
         crop_hw = crop.shape[:2]
         S = self.model.image_size
         if embedding is None:
-            embedding = self.model.encode(self.model.preprocess([crop]))
+            with self._autocast():
+                embedding = self.model.encode(self.model.preprocess([crop]))
         grid = self.point_grids[layer]
         points = grid * np.array(crop_hw)[None, ::-1]  # crop pixels, float64 (as the reference)
         ctx = dict(embedding=embedding, crop_hw=crop_hw, input_hw=preprocess_shape(*crop_hw, S), crop_box=crop_box,
@@ -415,11 +431,13 @@ class EverythingGenerator:
         x0, y0 = ctx["crop_box"][:2]
         base = ctx["state"].add_points(points + np.array([[x0, y0]], dtype=np.float64))
         model_points = torch.as_tensor(apply_coords(points, ctx["crop_hw"], S), dtype=torch.float32, device=self.device)
-        per_batch = self.device.type == "cpu"
+        per_batch = self.device.type == "cpu" if self.filter_per_batch is None else self.filter_per_batch
         pending: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for s in range(0, len(points), self.points_per_batch):
             pts = model_points[s : s + self.points_per_batch]
-            out = self.model.predict_grid(ctx["embedding"], pts[None], multimask_output=True, points_per_batch=self.points_per_batch)
+            with self._autocast():
+                out = self.model.predict_grid(ctx["embedding"], pts[None], multimask_output=True,
+                                              points_per_batch=self.points_per_batch)
             self.stats["points_decoded"] += len(pts)
             low = out.masks[0].flatten(0, 1)  # (n * M, s, s): point-major, as the reference
             iou = out.iou_pred[0].flatten(0, 1).float()
