@@ -21,6 +21,54 @@ def _as_numpy_bool(masks: ArrayLike) -> np.ndarray:
     return np.asarray(masks, dtype=bool)
 
 
+def rle_counts(masks: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(k, H, W) bool masks on any device -> COCO run lengths, computed on that device.
+
+    Returns (counts, lengths): int64 `counts` of all masks back to back and `lengths` (k,), the
+    number of runs of each mask. Runs are over the column-major flattened mask, the first one
+    counts zeros (0 when the mask starts with a one), as in pycocotools. Batched, with one
+    `nonzero` (one host sync on a GPU) for the whole batch.
+
+    With a zero pixel put in front of every mask, every mask starts with a run of zeros and its run
+    boundaries are exactly its value changes; the first run is then one too long.
+    """
+    k, h, w = masks.shape
+    n = h * w
+    dev = masks.device
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=dev), torch.zeros(0, dtype=torch.long, device=dev)
+    flat = masks.transpose(1, 2).reshape(k, n)
+    ext = torch.cat([torch.zeros(k, 1, dtype=torch.bool, device=dev), flat.bool()], dim=1)
+    rows, cols = torch.nonzero(ext[:, 1:] != ext[:, :-1], as_tuple=True)  # row-major, sorted
+    pos = cols + 1  # boundary positions in ext
+    changes = torch.bincount(rows, minlength=k)  # (k,)
+    lengths = changes + 1
+    first_change = torch.cumsum(changes, 0) - changes  # index of each row's first change in `rows`
+    out_start = torch.cumsum(lengths, 0) - lengths
+    idx = torch.arange(rows.numel(), device=dev)
+    rank = idx - first_change[rows]  # rank of a change within its row
+    prev = torch.where(rank > 0, pos[(idx - 1).clamp_min(0)], torch.zeros_like(pos))
+    counts = torch.empty(rows.numel() + k, dtype=torch.long, device=dev)  # == lengths.sum(), without a sync
+    counts[out_start[rows] + rank] = pos - prev
+    # the last run of each row ends at n + 1 and starts at the row's last change (0 if none)
+    last = torch.zeros(k, dtype=torch.long, device=dev).scatter_reduce_(0, rows, pos, "amax")
+    counts[out_start + lengths - 1] = (n + 1) - last
+    counts[out_start] -= 1  # the zero put in front
+    return counts, lengths
+
+
+def counts_to_rles(counts: np.ndarray, lengths: np.ndarray, hw: Tuple[int, int]) -> List[Rle]:
+    """Host run lengths (from `rle_counts`) -> compressed COCO RLEs with str counts (pycocotools' C encoder)."""
+    if len(lengths) == 0:
+        return []
+    h, w = hw
+    parts = np.split(np.asarray(counts, dtype=np.int64), np.cumsum(lengths)[:-1])
+    rles = mask_utils.frPyObjects([{"size": [h, w], "counts": p.tolist()} for p in parts], h, w)
+    for r in rles:
+        r["counts"] = r["counts"].decode("ascii")
+    return rles
+
+
 def encode(masks: ArrayLike) -> List[Rle]:
     """(k, H, W) binary masks -> k COCO RLEs ({"size": [H, W], "counts": str})."""
     m = _as_numpy_bool(masks)

@@ -13,6 +13,8 @@ TERMS = ("bce", "focal", "dice", "iou", "cls")
 IOU_TARGETS = ("assigned", "assigned_zero", "best")
 IOU_OVER = ("all", "assigned", "fg")
 CLS_TERMS = ("recipe", "no_duplicates", "off")
+# Prompts per piece when `point_supervision` picks each prompt's best candidate (bounds the float copies).
+POINT_PAIR_CHUNK = 32
 
 
 class EverythingLoss(nn.Module):
@@ -126,16 +128,27 @@ class EverythingLoss(nn.Module):
         if prompts.numel() == 0:
             empty = torch.zeros(0, dtype=torch.long)
             return empty, empty
-        cand = logits[prompts.to(logits.device)].float()  # (n, M, h, w)
-        tgt = gt.to(logits.device)[k[prompts].to(logits.device)].float()[:, None].expand_as(cand)
+        # A few prompts at a time: the float copies below are ~8 per candidate, which for a full
+        # 32x32 grid at 1024 px would be gigabytes at once (memory, issue 14).
+        gt_dev = gt.to(logits.device)
+        dev_prompts, dev_k = prompts.to(logits.device), k[prompts].to(logits.device)
+        best_m = torch.cat([
+            self._best_candidate(logits[dev_prompts[s : s + POINT_PAIR_CHUNK]], gt_dev[dev_k[s : s + POINT_PAIR_CHUNK]])
+            for s in range(0, prompts.numel(), POINT_PAIR_CHUNK)
+        ]).cpu()
+        return prompts.cpu() * m + best_m, k[prompts].cpu()
+
+    def _best_candidate(self, cand: Tensor, gt: Tensor) -> Tensor:
+        """(n,) index of the lowest focal + Dice candidate of each prompt; cand (n, M, h, w), gt (n, h, w)."""
+        cand = cand.float()
+        tgt = gt.float()[:, None].expand_as(cand)
         prob = cand.sigmoid()
         dice = 1 - (2 * (prob * tgt).flatten(2).sum(-1) + 1) / (prob.flatten(2).sum(-1) + tgt.flatten(2).sum(-1) + 1)
         ce = torch.nn.functional.binary_cross_entropy_with_logits(cand, tgt, reduction="none")
         p_t = prob * tgt + (1 - prob) * (1 - tgt)
         a_t = self.focal_alpha * tgt + (1 - self.focal_alpha) * (1 - tgt)
         focal = (a_t * ce * (1 - p_t) ** self.focal_gamma).flatten(2).mean(-1)
-        best_m = (self.weights["focal"] * focal + self.weights["dice"] * dice).argmin(dim=1).cpu()
-        return prompts.cpu() * m + best_m, k[prompts].cpu()
+        return (self.weights["focal"] * focal + self.weights["dice"] * dice).argmin(dim=1)
 
     @staticmethod
     @torch.no_grad()
@@ -143,8 +156,9 @@ class EverythingLoss(nn.Module):
         """(Q,) bool: background candidates whose mask lies mostly inside the ignore region."""
         if ignore is None or not bool(ignore.any()):
             return torch.zeros_like(fg)
-        pred = (flat_logits.detach() > 0).flatten(1).float()
-        inside = pred @ ignore.to(pred.device).flatten().float()
+        # Counts from bool masks: no float copy of every candidate (memory, issue 14).
+        pred = (flat_logits.detach() > 0).flatten(1)
+        inside = (pred & ignore.to(pred.device).flatten()).sum(1)
         area = pred.sum(1)
         return (~fg) & (area > 0) & (inside >= 0.5 * area)
 

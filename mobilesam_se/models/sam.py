@@ -1,7 +1,9 @@
 """The promptable segmenter: image encoder + prompt encoder + mask decoder, with grid prediction."""
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import ctypes
+import ctypes.util
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +34,42 @@ def _cat_outputs(chunks: List[DecoderOutput]) -> DecoderOutput:
     )
 
 
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to release
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_free_heap(device: torch.device) -> None:
+    """Hand the CPU heap's free pages back to the OS (glibc `malloc_trim`); no-op elsewhere.
+
+    Why: the decoder's per-prompt pieces are below glibc's mmap threshold, so they live on the heap.
+    Under autograd (checkpointed chunks), freed pieces are not reused across chunks: the heap grew by
+    ~16 MB per prompt of freed, never-returned memory, most of the peak RSS of a 32x32 grid step.
+    Trimming once per chunk keeps the reuse within a chunk (the point of the pieces) and bounds RSS.
+    """
+    if device.type == "cpu" and _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class _ReleaseHeapInBackward(torch.autograd.Function):
+    """Identity whose backward trims the heap: on a chunk's input, it runs once that chunk's
+    recomputation and backward are done, before the next chunk is recomputed."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        release_free_heap(grad.device)
+        return grad
+
+
 class SamModel(nn.Module):
     """MobileSAM (or a SAM teacher) with `image_size` as a real parameter.
 
@@ -53,6 +91,23 @@ class SamModel(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.image_size = image_size
+
+    # CPU: recomputed activations of one checkpointed piece of prompts, at most about this many bytes.
+    # A prompt's decoder activations are ~64 x N x C bytes (N embedding positions, C channels:
+    # 64 MB at 1024 px), so a 64-prompt chunk recomputed in backward took ~4 GB; 512 MB is 8
+    # prompts at 1024 px, and the decoder works on pieces of 4 prompts on the CPU anyway.
+    CPU_CHECKPOINT_BYTES = 512 << 20
+    # Prompts per checkpointed piece; None: automatic (all of points_per_batch off the CPU).
+    checkpoint_chunk: Optional[int] = None
+
+    def checkpoint_prompts(self, embeddings: Tensor) -> int:
+        """Prompts per checkpointed piece of `decode` (a cap on points_per_batch)."""
+        if self.checkpoint_chunk:
+            return max(1, self.checkpoint_chunk)
+        if embeddings.device.type != "cpu":
+            return 1 << 30
+        per_prompt = 64 * embeddings[0, 0].numel() * embeddings.shape[1]
+        return max(1, self.CPU_CHECKPOINT_BYTES // per_prompt)
 
     @property
     def device(self) -> torch.device:
@@ -115,13 +170,17 @@ class SamModel(nn.Module):
         embeddings (B, C, h, w); coords (B, P, K, 2) xy in the resized frame; labels (B, P, K)
         (1 positive, 0 negative, -1 padding); boxes (B, P, 4) XYXY; mask_input (B, 1, 4h, 4w).
         Each image's embedding meets only its own prompts. Differentiable; with
-        `activation_checkpointing` each chunk's activations are recomputed in backward.
+        `activation_checkpointing` each chunk's activations are recomputed in backward, and a chunk
+        is at most `checkpoint_prompts` prompts (fewer on the CPU, to bound the recomputation).
         """
         lead = coords if coords is not None else boxes
         if lead is None:
             raise ValueError("decode needs point coords or boxes")
         P = lead.shape[1]
         step = P if not points_per_batch or points_per_batch <= 0 else points_per_batch
+        checkpointed = activation_checkpointing and torch.is_grad_enabled()
+        if checkpointed:
+            step = min(step, self.checkpoint_prompts(embeddings))
         outs = []
         for s in range(0, P, step):
             sl = slice(s, s + step)
@@ -132,13 +191,18 @@ class SamModel(nn.Module):
                 None if boxes is None else boxes[:, sl],
                 mask_input,
             )
-            if activation_checkpointing and torch.is_grad_enabled():
+            if checkpointed:
+                cpu = embeddings.device.type == "cpu"
+                if cpu and embeddings.requires_grad:
+                    args = (_ReleaseHeapInBackward.apply(embeddings),) + args[1:]
                 outs.append(
                     checkpoint(
                         self._decode_chunk, *args, multimask_output, return_features, record_attention,
                         use_reentrant=False,
                     )
                 )
+                if cpu:
+                    release_free_heap(embeddings.device)
             else:
                 outs.append(self._decode_chunk(*args, multimask_output, return_features, record_attention))
         return _cat_outputs(outs)
