@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import shlex
 import sys
 from pathlib import Path
@@ -266,21 +265,24 @@ def test_doc_commands_are_found():
     assert "python run.py distillation=full model.multimask_output=false" in text
 
 
-def test_every_documented_command_runs_as_written(world, capsys):
-    done: Dict[str, List[str]] = {}
-    seen: Dict[str, str] = {}
+def _unique_commands() -> List[Tuple[str, str]]:
+    seen, out = set(), []
     for label, cmd in doc_commands():
-        if cmd in seen:  # the same command in two places runs once
-            done.setdefault(seen[cmd], []).append(f"{label} (again)")
-            continue
-        t0 = time.perf_counter()
-        try:
-            how = run_command(cmd, world, label)
-        except BaseException as exc:
-            raise AssertionError(f"{label}: {cmd}\n  {type(exc).__name__}: {exc}") from exc
-        done.setdefault(how, []).append(f"{label} {time.perf_counter() - t0:.1f}s")
-        seen[cmd] = how
-    assert len(done.get("ran", [])) >= 20, done
-    with capsys.disabled():
-        print(f"\n  docs commands: {', '.join(f'{len(v)} {k}' for k, v in done.items())}")
-        print("  " + "; ".join(x for v in done.values() for x in v))
+        if cmd not in seen:  # the same command in two places runs once
+            seen.add(cmd)
+            out.append((label, cmd))
+    return out
+
+
+@pytest.mark.parametrize("label,cmd", _unique_commands(), ids=[label for label, _ in _unique_commands()])
+def test_documented_command_runs_as_written(label, cmd, world):
+    try:
+        how = run_command(cmd, world, label)
+    except BaseException as exc:
+        raise AssertionError(f"{label}: {cmd}\n  {type(exc).__name__}: {exc}") from exc
+    words = shlex.split(cmd)
+    single_run = words[:2] == ["python", "run.py"] and "-m" not in words and "hydra/launcher=slurm" not in words
+    if single_run or (words[:2] == ["python", "-m"] and words[2].startswith("mobilesam_se.")):
+        assert how == "ran", (label, how)  # these run for real, not just compose
+    else:
+        assert how in ("composed", "exists"), (label, how)
