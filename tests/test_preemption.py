@@ -176,8 +176,7 @@ def test_submitit_local_job_is_requeued_and_resumes(tmp_path, reference):
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1",
                MOBILESAM_SE_DATA=os.environ["MOBILESAM_SE_DATA"])
     cmd = [sys.executable, "run.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15",
-           f"hydra.sweep.dir={sweep}", *[o for o in SMALL if not o.startswith("logger")], "logger=wandb",
-           "loss.w_dice=1.0"]
+           f"hydra.sweep.dir={sweep}", *[o for o in SMALL if not o.startswith("logger")], "logger=wandb"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)

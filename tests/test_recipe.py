@@ -63,7 +63,7 @@ def test_official_teacher_presets_compose_the_mobilesam_student_at_1024(preset):
     # The user's choices win over the preset's.
     small = compose_cfg([f"distillation={preset}", "model=tiny", "model.image_size=256"])
     assert (small.model.size, small.model.image_size) == ("tiny", 256)
-    assert compose_cfg(["distillation=none"]).model.size == "tiny"  # no teacher: run.py's CPU default stays
+    assert compose_cfg(["distillation=none"]).model.size == "small"  # no teacher: run.py's CPU default stays
 
 
 def test_headline_command_composes_on_the_command_line(env):
