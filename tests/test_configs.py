@@ -17,7 +17,7 @@ def group_options(group: str):
 def test_default_config_composes_and_builds(tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path))
     cfg = compose_cfg(["dataset.train.num_images=2", "dataset.val.num_images=1"])
-    assert cfg.model.size == "tiny" and cfg.dataset.name == "synthetic"
+    assert cfg.model.size == "small" and cfg.dataset.name == "synthetic"
     model = instantiate(cfg.model.net)
     assert model.image_size == cfg.model.image_size
     loss = instantiate(cfg.loss)

@@ -70,7 +70,9 @@ def test_cli_needs_a_checkpoint(tmp_path):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["model=tiny", f"output={tmp_path}", *SMALL_DATA])
     assert cfg.model.name == "tiny" and cfg.generator.points_per_side == 4  # groups reused, grid shared
-    with pytest.raises(ValueError, match="allow_random"):
+    from mobilesam_se.errors import UserError
+
+    with pytest.raises(UserError, match="allow_random"):
         run_evaluation(cfg)
 
 
@@ -112,7 +114,8 @@ class RecordingLogger:
 
 
 def test_training_runs_the_evaluation(tmp_path):
-    cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1", "trainer.coco_eval_every=1", "dataset.val.num_images=1",
+    cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1", "trainer.coco_eval_every=1", "trainer.coco_eval_amg=true",
+                                  "dataset.val.num_images=1",
                                   "dataset.train.num_images=2", "dataset.val.image_hw=[96,128]"])
     trainer, cleanup = build_run(cfg, out_dir=tmp_path)
     trainer.logger = RecordingLogger()
@@ -128,5 +131,6 @@ def test_training_runs_the_evaluation(tmp_path):
     assert [k for k, _ in trainer.logger.images if k == "val/calibration"]
     assert "val/coco_raw/AR_100" in result["history"][0]
 
-    # off by default
-    assert compose_cfg(TINY_RUN).trainer.coco_eval_every == 0
+    # on by default at every 10th epoch's validation (AR@100 on the learning curves), the AMG pass off
+    defaults = compose_cfg(TINY_RUN).trainer
+    assert defaults.coco_eval_every == 10 and defaults.coco_eval_amg is False
