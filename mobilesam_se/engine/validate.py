@@ -50,21 +50,13 @@ def amg_keep(
     grid candidates: predicted IoU > pred_iou_thresh, stability >= stability_score_thresh, then
     box NMS by predicted IoU; with the defaults, what `EverythingGenerator` (stock) returns for the
     same grid and weights."""
-    from torchvision.ops import nms
+    from torchvision.ops import masks_to_boxes, nms
 
     keep = torch.nonzero((scores > pred_iou_thresh) & (stability >= stability_score_thresh)).flatten()
     keep = keep[masks[keep].flatten(1).any(1)]
     if keep.numel() == 0:
         return keep
-    m = masks[keep]
-    rows, cols = m.any(2), m.any(1)  # (k, H), (k, W)
-    ar_h = torch.arange(m.shape[1], device=m.device)
-    ar_w = torch.arange(m.shape[2], device=m.device)
-    y0 = torch.where(rows, ar_h, m.shape[1]).min(1).values
-    y1 = torch.where(rows, ar_h, -1).max(1).values
-    x0 = torch.where(cols, ar_w, m.shape[2]).min(1).values
-    x1 = torch.where(cols, ar_w, -1).max(1).values
-    boxes = torch.stack([x0, y0, x1, y1], 1).float()  # SAM's boxes: inclusive max corner
+    boxes = masks_to_boxes(masks[keep])  # XYXY with the inclusive max corner, as SAM's boxes
     return keep[nms(boxes, scores[keep].float(), box_nms_thresh)]
 
 
