@@ -71,30 +71,25 @@ def _batch(image_size: int, grid: int) -> Dict[str, Any]:
 
 
 def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str, Any]:
-    from mobilesam_se.engine.everything import everything_step
     from mobilesam_se.losses.everything import EverythingLoss
     from mobilesam_se.models.build import build_mobilesam
+    from mobilesam_se.objective import SegmentEverythingObjective
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = _cfg(preset, image_size, grid)
-    cpu = torch.device("cpu")
     student = build_mobilesam(image_size, "full").train()
     distiller = _distiller(cfg, image_size)
-    criterion = EverythingLoss()
+    objective = SegmentEverythingObjective(student, EverythingLoss(), distiller=distiller,
+                                          multimask_output=cfg.model.multimask_output,
+                                          points_per_batch=cfg.model.points_per_batch)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     batch = _batch(image_size, grid)
     times: List[float] = []
     for i in range(steps + 1):  # the first step warms up (allocator, lazy inits) and is not counted
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        feats = distiller is not None and distiller.needs_features
-        res = everything_step(student, criterion, batch, cpu, cfg.model.multimask_output, cfg.model.points_per_batch,
-                              return_features=feats, record_attention=feats and distiller.needs_attention)
-        loss = res.losses["loss"]
-        if distiller is not None:
-            loss = loss + distiller(student, batch, res, cpu)["distill/total"]
-        loss.backward()
+        objective(batch)["loss"].backward()
         opt.step()
         if i:
             times.append(time.perf_counter() - t0)

@@ -173,9 +173,9 @@ def segment_and_parity(device: torch.device, grid: int, reps: int, compile_decod
 
 def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
     """The full recipe's step: encoder + 32x32x3 grid, bf16 autocast, checkpointing, real loss, AdamW."""
-    from mobilesam_se.engine.everything import everything_step
     from mobilesam_se.losses.everything import EverythingLoss
     from mobilesam_se.models.build import build_mobilesam
+    from mobilesam_se.objective import SegmentEverythingObjective
     from mobilesam_se.prompts import build_point_grid
 
     size, grid, batch = (256, 4, 1) if quick else (1024, 32, 4 if device.type == "cuda" else 1)
@@ -193,13 +193,12 @@ def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
     pts = torch.as_tensor(build_point_grid(grid) * size, dtype=torch.float32)
     data = {"image": torch.randn(batch, 3, size, size), "points": pts[None].expand(batch, -1, -1).contiguous(),
             "masks_lowres": gts}
-    crit = EverythingLoss()
-    dtype = torch.bfloat16
+    objective = SegmentEverythingObjective(
+        model, EverythingLoss(), multimask_output=True, points_per_batch=grid * grid if device.type == "cuda" else 64,
+        activation_checkpointing=True, autocast_dtype=torch.bfloat16)
 
     def step() -> None:
-        res = everything_step(model, crit, data, device, True, points_per_batch=grid * grid if device.type == "cuda" else 64,
-                              activation_checkpointing=True, autocast_dtype=dtype)
-        res.losses["loss"].backward()
+        objective(data)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

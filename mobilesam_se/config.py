@@ -207,6 +207,7 @@ class DistillationConfig:
 
 @dataclass
 class TrainerConfig:
+    _target_: str = "mobilesam_se.engine.trainer.Trainer"
     max_epochs: int = 10
     max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
     time_limit_min: Optional[float] = None  # save and stop after this long

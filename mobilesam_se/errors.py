@@ -25,17 +25,19 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; also a ValueError, for callers that catch those."""
 
 
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be loaded into the model: the message names the file and the keys."""
+
+
 def debug_enabled() -> bool:
     return any(os.environ.get(v, "") not in ("", "0") for v in ("HYDRA_FULL_ERROR", "MOBILESAM_SE_DEBUG"))
 
 
 def _user_error_types(extra: Tuple[Type[BaseException], ...]) -> Tuple[Type[BaseException], ...]:
-    # Imported lazily: these live in modules that import torch, and this one must stay light.
+    # Imported lazily: this module must stay light.
     from omegaconf.errors import MissingMandatoryValue
 
-    from mobilesam_se.models.checkpoint import CheckpointError
-
-    return (UserError, CheckpointError, MissingMandatoryValue, *extra)
+    return (UserError, MissingMandatoryValue, *extra)
 
 
 def find_user_error(exc: BaseException, types: Tuple[Type[BaseException], ...]) -> Optional[BaseException]:

@@ -91,7 +91,7 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
     """Build the model and dataset from a composed `evaluate` config, evaluate, write the outputs."""
     from hydra.utils import instantiate
 
-    from mobilesam_se.engine.trainer import resolve_autocast, resolve_device
+    from mobilesam_se.precision import resolve_autocast, resolve_device
     from mobilesam_se.evaluation.everything import evaluate_everything
     from mobilesam_se.models.checkpoint import load_model_weights
     from mobilesam_se.setup import seed_everything

@@ -12,7 +12,6 @@ keeps Hydra from changing it or writing its own files). Config: conf/segment.yam
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -47,17 +46,6 @@ def output_stems(files: List[Path], root: Path) -> Dict[Path, str]:
     return out
 
 
-def resolve_device(name: str):
-    import torch
-
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but CUDA is not available (use device=cpu)")
-    return torch.device(name)
-
-
 def run(cfg) -> List[Path]:
     """Segment every input image; returns the JSON files written."""
     import torch
@@ -88,6 +76,8 @@ def run(cfg) -> List[Path]:
                  {k: gen_kwargs[k] for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")})
     if gen_kwargs.get("output_mode", "coco_rle") != "coco_rle":
         raise ValueError("generator.output_mode must be coco_rle (the JSON holds COCO RLEs)")
+    from mobilesam_se.precision import resolve_device
+
     device = resolve_device(cfg.device)
 
     model = build_mobilesam(image_size=int(cfg.model.image_size), size=str(cfg.model.size))

@@ -177,12 +177,43 @@ def sweep_labels(cfg: DictConfig) -> dict:
     return labels
 
 
-def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Callable[[], None]]:
-    """Instantiate model, loss, data, logger and (optional) distiller; return (trainer, cleanup)."""
-    from mobilesam_se.engine.distributed import broadcast_object, cleanup, init_distributed
-    from mobilesam_se.engine.trainer import Trainer, resolve_device
+def build_objective(cfg: DictConfig, model, distiller=None):
+    """The student, its everything-mode loss and (by `dataset.mode`) the prompted loss, with the
+    distiller, as the one module the trainer optimises (and DDP wraps)."""
+    from mobilesam_se.objective import SegmentEverythingObjective
 
-    device = resolve_device(cfg.trainer.device)
+    prompted = None
+    if cfg.dataset.mode in ("single", "mixed"):
+        from mobilesam_se.prompted import build_prompted_loss
+
+        prompted = build_prompted_loss(cfg)
+    m = cfg.model
+    return SegmentEverythingObjective(
+        model, instantiate(cfg.loss), mode=cfg.dataset.mode, prompted=prompted, distiller=distiller,
+        multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
+        activation_checkpointing=m.activation_checkpointing, prompts_per_step=cfg.dataset.prompts_per_step,
+    )
+
+
+def build_validator(cfg: DictConfig, val_set):
+    from mobilesam_se.evaluation.validation import Validator
+
+    if val_set is None:
+        return None
+    d, m = cfg.dataset, cfg.model
+    return Validator(val_set, batch_size=d.val_batch_size, num_workers=d.num_workers, image_size=m.image_size,
+                     multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
+                     grid_points=d.grid_points, max_images=d.val_max_images)
+
+
+def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Callable[[], None]]:
+    """Instantiate model, objective, data, validator, logger and (optional) distiller, then the
+    trainer from its group (its `_target_` with the group's settings, given the parts); return
+    (trainer, cleanup)."""
+    from mobilesam_se.engine.distributed import broadcast_object, cleanup, init_distributed
+    from mobilesam_se.precision import resolve_device
+
+    device = resolve_device(cfg.trainer.device, "trainer.device")
     dist_info = init_distributed(device.type)
     if not dist_info.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # logs from rank 0; warnings from every rank
@@ -193,9 +224,8 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     check_can_learn(cfg)
     teacher_specs = resolve_checkpoints(cfg)
     train_set, val_set = build_datasets(cfg, progress=bool(cfg.trainer.get("progress", True)) and dist_info.is_main)
-    seed_everything(cfg.seed + dist_info.rank * 0)  # same init on every rank; DDP also broadcasts
+    seed_everything(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     model = instantiate(cfg.model.net)
-    criterion = instantiate(cfg.loss)
     logger = None
     if cfg.get("logger") is not None and dist_info.is_main:
         labels = sweep_labels(cfg)
@@ -209,13 +239,16 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
 
         distiller = build_distiller(cfg, model_image_size=cfg.model.image_size, specs=teacher_specs,
                                     train_files=train_set.image_paths)
-    extra_loss = None
-    if cfg.dataset.mode in ("single", "mixed"):
-        from mobilesam_se.prompted import build_prompted_loss
-
-        extra_loss = build_prompted_loss(cfg)
-    trainer = Trainer(cfg, model, criterion, train_set, val_set, out_dir, logger=logger,
-                      distiller=distiller, dist_info=dist_info, extra_loss=extra_loss)
+    objective = build_objective(cfg, model, distiller)
+    # Hydra gives the trainer its own settings; the built parts go straight to the constructor
+    # (instantiate would turn dataclass parts, e.g. DistInfo, into configs).
+    make_trainer = instantiate(cfg.trainer, _partial_=True, _recursive_=False, _convert_="all")
+    trainer = make_trainer(
+        objective=objective, train_set=train_set, val_set=val_set,
+        validator=build_validator(cfg, val_set), out_dir=out_dir, logger=logger, dist=dist_info, run_config=cfg,
+        seed=cfg.seed, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.num_workers,
+        freeze=OmegaConf.to_container(cfg.freeze, resolve=True), visual=OmegaConf.to_container(cfg.visual, resolve=True),
+    )
 
     def _cleanup() -> None:
         if logger is not None:

@@ -66,7 +66,7 @@ def load_for_tuning(cfg: DictConfig):
 
 
 def run_tune(cfg: DictConfig) -> Dict[str, Any]:
-    from mobilesam_se.engine.trainer import resolve_device
+    from mobilesam_se.precision import resolve_device
     from mobilesam_se.evaluation.tuning import tune_amg_thresholds
     from mobilesam_se.inference.thresholds import write_tuned
 

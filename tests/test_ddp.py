@@ -6,6 +6,7 @@ with BatchNorm statistics frozen: the equivalence run uses `freeze=encoder` (whi
 `freeze.batchnorm_stats=true`) with `freeze.unfreeze_epoch=1`, which also checks that parameters
 unfrozen mid-run are synchronised (DDP is re-wrapped when they join the optimizer).
 """
+import json
 import os
 import subprocess
 import sys
@@ -118,3 +119,26 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, monkeypa
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
     assert len((out / "checkpoints" / "training_log.txt").read_text().splitlines()) == 2
     assert "init_process_group(gloo): rank 0/2" in proc.stdout + proc.stderr
+
+
+# -- prompted (single) mode: the prompted decode is inside the wrapped forward --------------------
+@pytest.mark.slow
+def test_single_mode_ranks_stay_identical_under_ddp(tmp_path):
+    """Each rank samples other objects, so the ranks' gradients differ; DDP must average all of
+    them (the prompted decode runs inside the objective's forward), leaving identical weights."""
+    out = tmp_path / "ddp_single"
+    out.mkdir()
+    overrides = [o for o in EQUIV if not o.startswith(("freeze", "trainer.val_every"))] + [
+        "dataset.mode=single", "dataset.batch_size=1", "trainer.val_every=0", "trainer.max_epochs=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_rank_weights.py"), str(out), *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(i["wrapped"] == "DistributedDataParallel" and i["wraps_objective"] and i["step"] == 2 for i in info), info
+    a, b = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    torch.manual_seed(0)
+    fresh = official_state_dict(build_mobilesam(128, size="tiny"))
+    assert any((a[k] - fresh[k]).abs().max() > 1e-6 for k in a if a[k].is_floating_point())  # it trained

@@ -14,7 +14,7 @@ from mobilesam_se.distill.embedding_cache import EmbeddingCache
 from mobilesam_se.distill.distiller import TERM_NAMES, Distiller, MaskTeacherSettings, Teacher
 from mobilesam_se.distill.plateau import PlateauLambda
 from mobilesam_se.errors import UserError
-from mobilesam_se.engine.everything import everything_step
+from mobilesam_se.objective import SegmentEverythingObjective
 from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models import teachers as teachers_mod
 from mobilesam_se.models.build import build_mobilesam
@@ -72,8 +72,8 @@ def make_batch(B=1, files=None, seed=0):
 
 
 def step(model, batch, multimask=True, features=True, attention=True):
-    return everything_step(model, EverythingLoss(), batch, CPU, multimask, points_per_batch=8,
-                           return_features=features, record_attention=attention)
+    objective = SegmentEverythingObjective(model, EverythingLoss(), multimask_output=multimask, points_per_batch=8)
+    return objective.everything(batch, return_features=features, record_attention=attention)
 
 
 def distiller(terms, teacher=None, multimask=True, ppb=8, cache=None, term_kw=None, **kw):
@@ -85,7 +85,7 @@ def distiller(terms, teacher=None, multimask=True, ppb=8, cache=None, term_kw=No
 
 def run_distill(d, model, batch, multimask=True):
     res = step(model, batch, multimask, d.needs_features, d.needs_attention)
-    return d(model, batch, res, CPU)
+    return d(batch, res)
 
 
 # Which student parameters each term must reach, and which it must not touch.
@@ -154,12 +154,12 @@ def test_chunked_teacher_decoding_equals_one_pass():
     model, teacher = student(), tiny_teacher()
     batch = make_batch(B=2)
     res = step(model, batch, True, True, True)
-    a = distiller(TERM_NAMES, teacher, ppb=8)(model, batch, res, CPU)
-    b = distiller(TERM_NAMES, teacher, ppb=0)(model, batch, res, CPU)
+    a = distiller(TERM_NAMES, teacher, ppb=8)(batch, res)
+    b = distiller(TERM_NAMES, teacher, ppb=0)(batch, res)
     for k in a:
         assert torch.allclose(a[k].detach(), b[k].detach(), rtol=1e-4, atol=1e-6), k
     # candidates=all compares every candidate, not only the matched ones.
-    every = distiller(["dense_mask_logits"], teacher, term_kw={"dense_mask_logits": {"candidates": "all"}})(model, batch, res, CPU)
+    every = distiller(["dense_mask_logits"], teacher, term_kw={"dense_mask_logits": {"candidates": "all"}})(batch, res)
     assert float(every["distill/t/dense_mask_logits"].detach()) > 0
     assert not torch.allclose(every["distill/t/dense_mask_logits"], a["distill/t/dense_mask_logits"])
 
@@ -273,13 +273,13 @@ def test_cached_embeddings_skip_the_encoder_and_match_a_live_run(tmp_path):
     batch = make_batch(B=2, files=files)
     terms = ["encoder_patch", "prompt_embed", "dense_mask_logits"]
     res = step(model, batch, False, True, False)
-    live = distiller(terms, teacher, multimask=False)(model, batch, res, CPU)
+    live = distiller(terms, teacher, multimask=False)(batch, res)
 
     calls = []
     hook = teacher.image_encoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     cache = EmbeddingCache(tmp_path / "cache", "t", "tiny:seed=0:dim=32", S)
     cached_d = distiller(terms, teacher, multimask=False, cache=cache)
-    first = cached_d(model, batch, res, CPU)  # fills the cache
+    first = cached_d(batch, res)  # fills the cache
     assert calls == [2] and len(list((tmp_path / "cache").rglob("*.pt"))) == 2
     entry = torch.load(next((tmp_path / "cache").rglob("*.pt")), weights_only=True)
     assert entry["embeddings"].dtype == torch.float16
@@ -290,7 +290,7 @@ def test_cached_embeddings_skip_the_encoder_and_match_a_live_run(tmp_path):
     orig = teacher.image_encoder.forward
     teacher.image_encoder.forward = boom
     try:
-        again = cached_d(model, batch, res, CPU)
+        again = cached_d(batch, res)
     finally:
         teacher.image_encoder.forward = orig
     for k in live:
@@ -300,7 +300,7 @@ def test_cached_embeddings_skip_the_encoder_and_match_a_live_run(tmp_path):
     # A changed image file is recomputed (only that one).
     st = os.stat(files[1])
     os.utime(files[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    cached_d(model, batch, res, CPU)
+    cached_d(batch, res)
     assert calls == [2, 1]
     # Another teacher / image size / preprocessing is another key.
     key = cache.key(files[0], batch["image"][0])

@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra_utils import TINY_RUN, compose_cfg
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.data.synthetic import SyntheticDataset
-from mobilesam_se.engine.validate import validate
+from mobilesam_se.evaluation.validation import validate
 from mobilesam_se.evaluation.everything import evaluate_everything
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import export_official

@@ -190,18 +190,15 @@ def test_single_mode_encodes_each_image_once(tiny_model, monkeypatch):
 
 
 def test_mixed_mode_reuses_everything_embeddings(tiny_model, monkeypatch):
-    from types import SimpleNamespace
-
     masks = constructed_masks()
     pixels = torch.randn(1, 3, S, S)
     embeddings = tiny_model.encode(pixels)
-    res = SimpleNamespace(context={"outputs": {"embeddings": embeddings}})
     batch = {"image": pixels, "masks_lowres": [masks], "input_size": [INPUT_HW]}
     encodes = _count_calls(monkeypatch, tiny_model, "encode")
     plain = PromptedLoss(PromptSampling(), PromptedLossWeights())
     weighted = PromptedLoss(PromptSampling(), PromptedLossWeights(), weight=0.25)
-    a = plain(tiny_model, batch, res, torch.device("cpu"), None, torch.Generator().manual_seed(3))
-    b = weighted(tiny_model, batch, res, torch.device("cpu"), None, torch.Generator().manual_seed(3))
+    a = plain(tiny_model, batch, embeddings, torch.device("cpu"), None, torch.Generator().manual_seed(3))
+    b = weighted(tiny_model, batch, embeddings, torch.device("cpu"), None, torch.Generator().manual_seed(3))
     assert encodes == []
     assert b["loss"].item() == pytest.approx(0.25 * a["loss"].item(), rel=1e-5)
     assert b["prompted/dice"].item() == pytest.approx(a["prompted/dice"].item(), rel=1e-6)

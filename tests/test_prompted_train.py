@@ -66,7 +66,7 @@ def test_prompted_eval_flag_in_everything_mode(data_dir, tmp_path, monkeypatch):
     cfg = compose_run(base + ["trainer.prompted_eval=true"])
     trainer, cleanup = build_run(cfg, out_dir=tmp_path)
     try:
-        assert trainer.extra_loss is None  # everything mode trains as before
+        assert trainer.objective.prompted is None  # everything mode trains as before
         metrics, _ = trainer._validate(0)
     finally:
         cleanup()

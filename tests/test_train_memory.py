@@ -13,7 +13,7 @@ import torch
 
 import mobilesam_se.losses.everything as everything_loss
 import mobilesam_se.models.sam as sam_module
-from mobilesam_se.engine.everything import everything_step
+from mobilesam_se.objective import SegmentEverythingObjective
 from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.prompts import build_point_grid
@@ -42,11 +42,12 @@ def _batch(image_size: int = 256, grid: int = 4) -> dict:
 def _step(model, batch, ckpt: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     crit = EverythingLoss(point_credit=1.0, point_fg=True, point_supervision=True)
     model.zero_grad(set_to_none=True)
-    res = everything_step(model, crit, batch, torch.device("cpu"), True, points_per_batch=16,
-                          activation_checkpointing=ckpt)
-    res.losses["loss"].backward()
+    objective = SegmentEverythingObjective(model, crit, multimask_output=True, points_per_batch=16,
+                                          activation_checkpointing=ckpt)
+    terms = objective(batch)
+    terms["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {k: v.detach() for k, v in res.losses.items()}, grads
+    return {k: v.detach() for k, v in terms.items()}, grads
 
 
 def test_lean_checkpointed_step_matches_the_plain_step(monkeypatch):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mobilesam_se.engine.validate import amg_keep, calibration_summary, full_res_candidates, predict_candidates
+from mobilesam_se.evaluation.validation import amg_keep, calibration_summary, full_res_candidates, predict_candidates
 from mobilesam_se.evaluation.metrics import evaluate_image
 from mobilesam_se.inference import EverythingGenerator
 from mobilesam_se.inference import rle as rle_utils

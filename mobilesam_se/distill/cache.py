@@ -43,7 +43,7 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
 
     from mobilesam_se.data.sample import collate_samples
     from mobilesam_se.distill import build_distiller
-    from mobilesam_se.engine.trainer import resolve_device
+    from mobilesam_se.precision import resolve_device
     from mobilesam_se.setup import build_datasets, resolve_checkpoints
 
     if not cfg.distillation.get("enabled", False):

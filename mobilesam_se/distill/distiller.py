@@ -4,7 +4,8 @@
             (+ mask_teacher.weight * dual-supervision loss, outside lambda)
 
 where each term is its own weighted sum (e.g. w_l2 * l2 + w_cos * cos). The student is never run
-again: its embeddings, tokens, masks and attention come from the step's forward (`res.context`).
+again: its embeddings, tokens, masks and attention come from the step's forward (the objective's
+`EverythingOutput`).
 Each teacher encodes the images once (or reads its cached embeddings) and decodes the student's
 prompts in the same `points_per_batch` chunks under no_grad; per chunk only what the enabled terms
 need is kept (tokens, the paired candidates' masks, head-averaged attention), and all of it is
@@ -247,14 +248,14 @@ class Distiller:
             return [torch.arange(P * M) for _ in range(B)]
         return [m.pred_idx.detach().cpu().sort().values for m in matches]
 
-    def _teacher_terms(self, teacher: Teacher, emb_t: Tensor, ctx: Mapping[str, Any]) -> Dict[str, Dict[str, Tensor]]:
-        out, points = ctx["outputs"], ctx["points"]
+    def _teacher_terms(self, teacher: Teacher, emb_t: Tensor, grid: Any) -> Dict[str, Dict[str, Tensor]]:
+        out, points = grid.outputs, grid.points
         results: Dict[str, Dict[str, Tensor]] = {}
         if "encoder_patch" in self.terms:
             results["encoder_patch"] = T.encoder_patch(out["embeddings"], emb_t, **self.terms["encoder_patch"])
         if not any(t in self.terms for t in DECODER_TERMS):
             return results
-        paired = self._paired_indices(out, ctx["matches"]) if "dense_mask_logits" in self.terms else None
+        paired = self._paired_indices(out, grid.matches) if "dense_mask_logits" in self.terms else None
         tp = self._decode(teacher, emb_t, points, paired, "attention" in self.terms)
         if "prompt_embed" in self.terms:
             results["prompt_embed"] = T.prompt_embed(out["tokens"], tp.tokens, **self.terms["prompt_embed"])
@@ -275,12 +276,10 @@ class Distiller:
             results["rkd"] = {k: torch.stack([r[k] for r in per_image]).mean() for k in per_image[0]}
         return results
 
-    def __call__(self, model: Any, batch: Mapping[str, Any], res: Any, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, Tensor]:
-        """`model` is the student (unused: its outputs are in `res.context`, on the step's graph)."""
-        self._to(device)
-        ctx = res.context
-        pixels = ctx["pixels"]
+    def __call__(self, batch: Mapping[str, Any], grid: Any) -> Dict[str, Tensor]:
+        """`grid`: the objective's `EverythingOutput` of this step (the student's outputs, on the graph)."""
+        pixels = grid.pixels
+        self._to(pixels.device)
         logs: Dict[str, Tensor] = {}
         distill = pixels.new_zeros((), dtype=torch.float32)
         embeddings: Dict[str, Tensor] = {}
@@ -288,7 +287,7 @@ class Distiller:
             emb_t = self.teacher_embeddings(teacher, batch, pixels)
             embeddings[teacher.name] = emb_t
             per_teacher = pixels.new_zeros((), dtype=torch.float32)
-            for term, parts in self._teacher_terms(teacher, emb_t, ctx).items():
+            for term, parts in self._teacher_terms(teacher, emb_t, grid).items():
                 per_teacher = per_teacher + parts["loss"]
                 logs[f"distill/{teacher.name}/{term}"] = parts["loss"]
                 logs.update({f"distill/{teacher.name}/{term}/{k}": v for k, v in parts.items() if k != "loss"})
@@ -297,7 +296,7 @@ class Distiller:
                 logs[f"distill/{teacher.name}/cache_hit_rate"] = torch.tensor(teacher.cache.hit_rate)
         total = self.schedule.value * distill
         if self.mask_teacher.method == "dual_supervision":
-            dual = self._dual_supervision(batch, ctx, embeddings)
+            dual = self._dual_supervision(batch, grid, embeddings)
             logs.update({f"distill/mask_teacher/{k}": v for k, v in dual.items()})
             total = total + self.mask_teacher.weight * dual["loss"]
         logs.update({f"distill/mask_teacher/{k}": torch.tensor(v) for k, v in self._target_stats.items()})
@@ -349,12 +348,12 @@ class Distiller:
         self._target_stats = totals
         return {**batch, "masks_lowres": targets}
 
-    def _dual_supervision(self, batch: Mapping[str, Any], ctx: Mapping[str, Any], embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    def _dual_supervision(self, batch: Mapping[str, Any], grid: Any, embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         teacher = self._teacher(self.mask_teacher.teacher)
-        found = self.teacher_masks(teacher, embeddings[teacher.name], batch["points"].to(ctx["pixels"].device), batch["input_size"])
-        masks, points = ctx["outputs"]["masks"], ctx["points"]
+        found = self.teacher_masks(teacher, embeddings[teacher.name], batch["points"].to(grid.pixels.device), batch["input_size"])
+        masks = grid.outputs["masks"]
         per_image = [
-            mt.dual_supervision_loss(masks[b].float(), tm, points[b] / 4.0, **self.matching)
+            mt.dual_supervision_loss(masks[b].float(), tm, grid.lowres_points[b], **self.matching)
             for b, tm in enumerate(found)
         ]
         out = {k: torch.stack([r[k].to(masks.device) for r in per_image]).mean() for k in ("loss", "kl", "dice")}

@@ -1,6 +1,6 @@
 """The segment-everything evaluation, shared by `python -m mobilesam_se.evaluate` and training.
 
-Per image, on top of `engine.validate.validate` (Hungarian dice / IoU / recall over all candidates,
+Per image, on top of `evaluation.validation.validate` (Hungarian dice / IoU / recall over all candidates,
 precision after the predicted-IoU filter and NMS), an `EverythingEvaluator` collects:
 
 - COCO mask AP / AR (class-agnostic, pycocotools) of
@@ -283,7 +283,7 @@ def evaluate_everything(
     the AMG-filtered evaluation).
     """
     from mobilesam_se.data.sample import collate_samples
-    from mobilesam_se.engine.validate import validate
+    from mobilesam_se.evaluation.validation import validate
 
     device = torch.device(device)
     model = model.to(device)
@@ -316,19 +316,6 @@ def _resolve_generator(model: nn.Module, generator: Any, dataset, points_per_bat
             kwargs.update({k: v for k, v in generator.items() if v is not None})
         return build_generator(model, **kwargs)
     return generator
-
-
-def training_evaluator(model: nn.Module, cfg, epoch: int) -> Optional[EverythingEvaluator]:
-    """The evaluator `Trainer._validate` hands to `validate` when `trainer.coco_eval_every` is due
-    at this epoch (every N-th epoch and the last one), else None."""
-    every = int(cfg.trainer.get("coco_eval_every", 0) or 0)
-    if every <= 0 or not ((epoch + 1) % every == 0 or epoch + 1 == cfg.trainer.max_epochs):
-        return None
-    generator = None
-    if cfg.trainer.get("coco_eval_amg", True):
-        generator = build_generator(model, points_per_side=int(cfg.dataset.grid_points),
-                                    points_per_batch=int(cfg.model.points_per_batch))
-    return EverythingEvaluator(generator)
 
 
 def figure_to_rgb(fig) -> np.ndarray:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from mobilesam_se.engine.validate import full_res_candidates
+from mobilesam_se.evaluation.validation import full_res_candidates
 from mobilesam_se.prompted.clicks import corrective_click, interior_point
 from mobilesam_se.transforms import apply_boxes, apply_coords
 

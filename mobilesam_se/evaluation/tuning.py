@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,7 @@ class TuneResult:
 def _collect(model: nn.Module, dataset, device: torch.device, multimask_output: bool, points_per_batch: int,
              loosest: Dict[str, float], max_images: Optional[int], progress: bool) -> List[_Image]:
     from mobilesam_se.data.sample import collate_samples
-    from mobilesam_se.engine.validate import full_res_candidates, predict_candidates
+    from mobilesam_se.evaluation.validation import full_res_candidates, predict_candidates
 
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     loader = DataLoader(Subset(dataset, range(n)), batch_size=1, shuffle=False, collate_fn=collate_samples)
@@ -81,7 +81,7 @@ def _collect(model: nn.Module, dataset, device: torch.device, multimask_output: 
 
 
 def _score(images: List[_Image], th: Dict[str, float], max_dets: int = 100) -> Dict[str, float]:
-    from mobilesam_se.engine.validate import amg_keep
+    from mobilesam_se.evaluation.validation import amg_keep
 
     coco = CocoMaskEval((max_dets,))
     views = []

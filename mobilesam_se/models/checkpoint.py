@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, Union
 import torch
 import torch.nn as nn
 
+from mobilesam_se.errors import CheckpointError
 from mobilesam_se.models.image_encoder import (
     TinyVitImageEncoder,
     clear_attention_bias_cache,
@@ -22,10 +23,6 @@ from mobilesam_se.models.image_encoder import (
 )
 
 StateDict = Dict[str, torch.Tensor]
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _encoder_maps(encoder: nn.Module):

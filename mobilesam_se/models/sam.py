@@ -117,6 +117,10 @@ class SamModel(nn.Module):
     def low_res_size(self) -> int:
         return self.image_size // 4
 
+    def lowres_coords(self, points: Tensor) -> Tensor:
+        """Points of the model's input frame in the frame of its low-res mask logits."""
+        return points * (self.low_res_size / self.image_size)
+
     # -- images ------------------------------------------------------------------------------
     def preprocess(self, images: Sequence[np.ndarray]) -> Tensor:
         """HxWx3 uint8 RGB images -> (B, 3, S, S) normalised, padded model input on the model's device."""

@@ -1,9 +1,9 @@
-"""The prompted loss of one micro-batch, as the trainer's `extra_loss` (single and mixed modes).
+"""The prompted loss of one micro-batch (single and mixed modes), a part of the objective.
 
 Single mode: this is the whole step. The batch's images are encoded in one `encode` call and each
 image's embedding then serves all of its sampled objects, since the encoder costs far more than
 the decoder. Mixed mode: the everything step has already encoded the batch, and its embeddings
-(`res.context["outputs"]["embeddings"]`, still on the graph) are reused, so the encoder runs once
+(still on the graph) are reused, so the encoder runs once
 per image for both losses and receives the gradients of both.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ Tensor = torch.Tensor
 
 
 class PromptedLoss:
-    """Callable `(model, batch, res, device, autocast_dtype, generator) -> {"loss", "prompted/..."}`.
+    """Callable `(model, batch, embeddings, device, autocast_dtype, generator) -> {"loss", "prompted/..."}`.
 
     `loss` is multiplied by `weight` (dataset.mixed_weight in mixed mode, 1 in single mode); the
     logged `prompted/*` terms are unweighted so runs with different weights compare directly.
@@ -43,11 +43,10 @@ class PromptedLoss:
         self.activation_checkpointing = activation_checkpointing
         self.weight = weight
 
-    def _embeddings(self, model: nn.Module, batch: Dict[str, Any], res: Any, device: torch.device,
+    def _embeddings(self, model: nn.Module, batch: Dict[str, Any], embeddings: Optional[Tensor], device: torch.device,
                     autocast_dtype: Optional[torch.dtype]) -> Tensor:
-        outputs = getattr(res, "context", {}).get("outputs") if res is not None else None
-        if outputs is not None and outputs.get("embeddings") is not None:
-            return outputs["embeddings"]
+        if embeddings is not None:
+            return embeddings
         pixels = batch["image"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             return model.encode(pixels)
@@ -72,14 +71,15 @@ class PromptedLoss:
         self,
         model: nn.Module,
         batch: Dict[str, Any],
-        res: Any,
+        embeddings: Optional[Tensor],
         device: torch.device,
         autocast_dtype: Optional[torch.dtype] = None,
         generator: Optional[torch.Generator] = None,
     ) -> Dict[str, Tensor]:
-        model = getattr(model, "module", model)  # a DDP wrapper's decode lives on its module
+        """`model`: the bare student; `embeddings`: the batch's image embeddings when the everything
+        step already made them (mixed mode), else None (they are computed here)."""
         generator = generator if generator is not None else torch.Generator()
-        embeddings = self._embeddings(model, batch, res, device, autocast_dtype)
+        embeddings = self._embeddings(model, batch, embeddings, device, autocast_dtype)
         logits: List[Tensor] = []
         iou_pred: List[Tensor] = []
         targets: List[Tensor] = []
@@ -114,7 +114,7 @@ class PromptedLoss:
 
 
 def build_prompted_loss(cfg: DictConfig) -> PromptedLoss:
-    """The trainer's extra loss for `dataset.mode` single (weight 1) or mixed (dataset.mixed_weight)."""
+    """The objective's prompted loss for `dataset.mode` single (weight 1) or mixed (dataset.mixed_weight)."""
     d, m = cfg.dataset, cfg.model
     if d.mode not in ("single", "mixed"):
         raise ValueError(f"the prompted loss is for dataset.mode single|mixed, got {d.mode!r}")

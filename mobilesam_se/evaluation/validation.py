@@ -1,6 +1,8 @@
-"""Validation in everything mode: the recipe's Hungarian Dice/IoU plus recall and precision at 0.5."""
+"""Validation in everything mode: the recipe's Hungarian Dice/IoU plus recall and precision at 0.5,
+the IoU head's calibration, and (`Validator`) what the trainer runs at each validation."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -186,3 +188,73 @@ def calibration_summary(pred: torch.Tensor, true: torch.Tensor, amg_views: List[
         "amg/recall": amg["recall"],
         "amg/precision": amg["precision"],
     }
+
+
+@dataclass
+class ValidationResult:
+    metrics: Dict[str, float]
+    visuals: List[Dict[str, Any]]  # for `engine.pictures`
+    figures: Dict[str, np.ndarray]  # name -> RGB image (the reliability diagram when COCO eval ran)
+
+
+class Validator:
+    """The validation a training run does, with the settings of its data and model; the trainer
+    says when (COCO metrics, the real AMG and the prompted evaluation are each asked for per call)."""
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        image_size: int,
+        multimask_output: bool = True,
+        points_per_batch: int = 64,
+        grid_points: int,
+        max_images: Optional[int] = None,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.multimask_output = multimask_output
+        self.points_per_batch = points_per_batch
+        self.grid_points = grid_points
+        self.max_images = max_images
+
+    def loader(self):
+        from torch.utils.data import DataLoader
+
+        from mobilesam_se.data.sample import collate_samples
+
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, collate_fn=collate_samples,
+                          num_workers=self.num_workers)
+
+    def __call__(self, model: nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype] = None, *,
+                 coco: bool = False, amg: bool = False, prompted: bool = False, keep_visuals: int = 0,
+                 progress: bool = True) -> ValidationResult:
+        """`coco`: COCO mask AP/AR of the raw candidates and the reliability diagram; `amg`: also the
+        stock AMG's output in the COCO metrics (a second decode per image); `prompted`: point / box /
+        corrective-click mIoU as prompted/*."""
+        from mobilesam_se.evaluation.everything import EverythingEvaluator, build_generator, figure_to_rgb
+
+        loader = self.loader()
+        evaluator = None
+        if coco:
+            generator = (build_generator(model, points_per_side=self.grid_points, points_per_batch=self.points_per_batch)
+                         if amg else None)
+            evaluator = EverythingEvaluator(generator)
+        metrics, visuals = validate(
+            model, loader, device, self.image_size, self.multimask_output, self.points_per_batch, autocast_dtype,
+            max_images=self.max_images, progress=progress, keep_visuals=keep_visuals, evaluator=evaluator,
+        )
+        figures = {"calibration": figure_to_rgb(evaluator.plot_calibration())} if evaluator is not None else {}
+        if prompted:
+            from mobilesam_se.evaluation.prompted import evaluate_promptable
+
+            scores = evaluate_promptable(
+                model, loader, device, self.multimask_output, max_images=self.max_images,
+                autocast_dtype=autocast_dtype, points_per_batch=self.points_per_batch, progress=progress,
+            )
+            metrics.update({f"prompted/{k}": v for k, v in scores.items()})
+        return ValidationResult(metrics=metrics, visuals=visuals, figures=figures)

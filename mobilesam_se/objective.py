@@ -1,0 +1,148 @@
+"""The whole training objective as one module: the student, the everything-mode loss, the prompted
+loss (single / mixed mode) and distillation behind a single `forward(batch)`.
+
+The trainer wraps this module (not the bare model) in DDP, as sam2 wraps `SAM2Train`: every decode
+of a step, the grid's and the prompted one's, happens inside the wrapped forward, so DDP's hooks
+see every gradient in every mode and no gradient is averaged by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from mobilesam_se.precision import autocast
+from mobilesam_se.prompts import subsample_prompts
+
+Tensor = torch.Tensor
+MODES = ("everything", "single", "mixed")
+
+
+@dataclass
+class EverythingOutput:
+    """One everything-mode decode of a batch and its loss, for the parts that build on it (the
+    prompted loss reuses the embeddings, distillation the outputs and the matches)."""
+
+    terms: Dict[str, Tensor]  # "loss" (optimised) + every named term, and the match counts
+    pixels: Tensor
+    points: Tensor  # (B, P, 2) the prompts decoded, in the model's input frame
+    lowres_points: Tensor  # the same in the frame of the low-res logits
+    outputs: Dict[str, Any]  # the model's forward output (masks, iou_pred, embeddings, ...)
+    matches: List[Any]  # per image, indices into `targets`
+    targets: List[Tensor]  # per image, the visible low-res ground truth
+
+
+def select_prompts(points: Tensor, k: Optional[int], generator: torch.Generator) -> Tensor:
+    """Sub-sample the same number of grid prompts for every image of the batch."""
+    if k is None or k <= 0 or k >= points.shape[1]:
+        return points
+    return torch.stack([p[subsample_prompts(p.shape[0], k, generator).to(p.device)] for p in points])
+
+
+def _visible_targets(masks_lowres: Tensor, device: torch.device) -> Tensor:
+    """Objects too small to cover a low-res cell cannot be matched (the dataset made them ignore regions)."""
+    masks_lowres = masks_lowres.to(device, non_blocking=True)
+    return masks_lowres[masks_lowres.flatten(1).any(1)]
+
+
+def _ignore(batch: Dict[str, Any], b: int, device: torch.device) -> Optional[Tensor]:
+    ignore = batch.get("ignore_lowres")
+    return None if ignore is None or ignore[b] is None else ignore[b].to(device)
+
+
+class SegmentEverythingObjective(nn.Module):
+    """`forward(batch, generator) -> {"loss", **named terms}`: what one micro-batch optimises.
+
+    - model: the student (`models.sam.Sam`); criterion: `losses.everything.EverythingLoss`.
+    - mode: "everything" (the grid), "single" (the prompted loss alone) or "mixed" (both).
+    - prompted: `prompted.step.PromptedLoss` for single / mixed mode.
+    - distiller: `distill.distiller.Distiller` or None. It is not a submodule: its teachers are frozen
+      and DDP must neither broadcast nor watch them.
+    - autocast_dtype: the model's autocast precision (None: fp32); losses are computed in fp32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        *,
+        mode: str = "everything",
+        prompted: Optional[Any] = None,
+        distiller: Optional[Any] = None,
+        multimask_output: bool = True,
+        points_per_batch: Optional[int] = 64,
+        activation_checkpointing: bool = False,
+        prompts_per_step: Optional[int] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"dataset.mode must be one of {MODES}, got {mode!r}")
+        if mode != "everything" and prompted is None:
+            raise ValueError(f"dataset.mode={mode} needs the prompted loss")
+        self.model = model
+        self.criterion = criterion
+        self.mode = mode
+        self.prompted = prompted
+        self.distiller = distiller  # not an nn.Module, so never a registered submodule
+        self.multimask_output = multimask_output
+        self.points_per_batch = points_per_batch
+        self.activation_checkpointing = activation_checkpointing
+        self.prompts_per_step = prompts_per_step
+        self.autocast_dtype = autocast_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def everything(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
+                   return_features: bool = False, record_attention: bool = False) -> EverythingOutput:
+        """Encode each image once, decode its grid (each point its own prompt), match and score every candidate."""
+        device = self.device
+        pixels = batch["image"].to(device, non_blocking=True)
+        points = select_prompts(batch["points"], self.prompts_per_step, generator or torch.Generator()).to(device)
+        with autocast(device, self.autocast_dtype):
+            out = self.model(
+                pixels, points, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
+                activation_checkpointing=self.activation_checkpointing, return_features=return_features,
+                record_attention=record_attention,
+            )
+        targets = [_visible_targets(batch["masks_lowres"][b], device) for b in range(pixels.shape[0])]
+        lowres_points = self.model.lowres_coords(points)  # the logits' frame (4x coarser than the input)
+        res = self.criterion.batch_forward([
+            (out["masks"][b].float(), out["iou_pred"][b].float(), targets[b], lowres_points[b], _ignore(batch, b, device))
+            for b in range(pixels.shape[0])
+        ])
+        terms = {k: v for k, v in res.items() if isinstance(v, Tensor) and v.dim() == 0}
+        for k in ("num_fg", "num_gt", "mean_matched_iou"):
+            terms[k] = torch.as_tensor(float(res[k]))
+        return EverythingOutput(terms=terms, pixels=pixels, points=points, lowres_points=lowres_points, outputs=out,
+                                matches=res["matches"], targets=targets)
+
+    def forward(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+        device = self.device
+        generator = generator if generator is not None else torch.Generator()
+        distiller = self.distiller
+        terms: Dict[str, Tensor] = {}
+        grid: Optional[EverythingOutput] = None
+        if self.mode != "single":
+            if distiller is not None:
+                # A mask teacher may add its own masks to the targets (distillation.mask_teacher.method=replace_gt).
+                batch = distiller.prepare_targets(batch, device, self.autocast_dtype)
+            features = distiller is not None and distiller.needs_features
+            grid = self.everything(batch, generator, return_features=features,
+                                   record_attention=features and distiller.needs_attention)
+            terms.update(grid.terms)
+        if self.prompted is not None:
+            # Single mode encodes here; mixed mode reuses the grid's embeddings (still on the graph).
+            embeddings = grid.outputs.get("embeddings") if grid is not None else None
+            extra = self.prompted(self.model, batch, embeddings, device, self.autocast_dtype, generator)
+            terms["loss"] = terms["loss"] + extra["loss"] if "loss" in terms else extra["loss"]
+            terms.update({k: v for k, v in extra.items() if k != "loss"})
+        if distiller is not None and grid is not None:
+            distilled = distiller(batch, grid)
+            terms["loss"] = terms["loss"] + distilled["distill/total"]
+            terms.update(distilled)
+        return terms
