@@ -138,7 +138,10 @@ def test_single_mode_ranks_stay_identical_under_ddp(tmp_path):
     assert all(i["wrapped"] == "DistributedDataParallel" and i["wraps_objective"] and i["step"] == 2 for i in info), info
     a, b = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # BatchNorm running statistics are each rank's own (DDP broadcasts rank 0's before each forward).
+    params = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(params) > 100
+    assert all(torch.equal(a[k], b[k]) for k in params), [k for k in params if not torch.equal(a[k], b[k])][:5]
     torch.manual_seed(0)
     fresh = official_state_dict(build_mobilesam(128, size="tiny"))
     assert any((a[k] - fresh[k]).abs().max() > 1e-6 for k in a if a[k].is_floating_point())  # it trained
