@@ -72,39 +72,39 @@ class DatasetConfig:
 
 @dataclass
 class MatchingConfig:
-    fg_iou: float = 0.5
-    point_credit: float = 0.0  # added to the assignment score when the prompt lies in the object
-    point_fg: bool = False  # an assigned pair whose prompt lies in the object is foreground
-    point_supervision: bool = False  # also supervise each prompt's best candidate toward its object
+    fg_iou: float = MISSING
+    point_credit: float = MISSING  # added to the assignment score when the prompt lies in the object
+    point_fg: bool = MISSING  # an assigned pair whose prompt lies in the object is foreground
+    point_supervision: bool = MISSING  # also supervise each prompt's best candidate toward its object
     allow_random_init: bool = False  # start the plain rule from random weights anyway (it cannot learn)
 
 
 @dataclass
 class LossConfig:
-    _target_: str = "mobilesam_se.losses.everything.EverythingLoss"
-    w_bce: float = 1.0
-    w_focal: float = 15.0
-    w_dice: float = 1.0
-    w_iou: float = 1.0
-    w_cls: float = 1.0
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    iou_target: str = "assigned"  # assigned | assigned_zero | best
-    iou_over: str = "all"  # all | assigned | fg: the candidates the IoU MSE averages over
-    cls_term: str = "recipe"  # recipe | no_duplicates | off
-    fg_iou: float = "${matching.fg_iou}"  # type: ignore[assignment]
-    point_credit: float = "${matching.point_credit}"  # type: ignore[assignment]
-    point_fg: bool = "${matching.point_fg}"  # type: ignore[assignment]
-    point_supervision: bool = "${matching.point_supervision}"  # type: ignore[assignment]
+    _target_: str = MISSING
+    w_bce: float = MISSING
+    w_focal: float = MISSING
+    w_dice: float = MISSING
+    w_iou: float = MISSING
+    w_cls: float = MISSING
+    focal_alpha: float = MISSING
+    focal_gamma: float = MISSING
+    iou_target: str = MISSING  # assigned | assigned_zero | best
+    iou_over: str = MISSING  # all | assigned | fg: the candidates the IoU MSE averages over
+    cls_term: str = MISSING  # recipe | no_duplicates | off
+    fg_iou: float = MISSING  # the matching rule's, by interpolation in conf/loss/everything.yaml
+    point_credit: float = MISSING
+    point_fg: bool = MISSING
+    point_supervision: bool = MISSING
 
 
 @dataclass
 class FreezeConfig:
-    image_encoder: bool = False
-    prompt_encoder: bool = False
-    mask_decoder: bool = False
-    unfreeze_epoch: int = 0  # > 0: frozen parts join the optimizer at this epoch; 0: never
-    batchnorm_stats: bool = False  # keep BatchNorm running statistics fixed
+    image_encoder: bool = MISSING
+    prompt_encoder: bool = MISSING
+    mask_decoder: bool = MISSING
+    unfreeze_epoch: int = MISSING  # > 0: frozen parts join the optimizer at this epoch; 0: never
+    batchnorm_stats: bool = MISSING  # keep BatchNorm running statistics fixed
 
 
 @dataclass
@@ -207,51 +207,51 @@ class DistillationConfig:
 
 @dataclass
 class TrainerConfig:
-    _target_: str = "mobilesam_se.engine.trainer.Trainer"
-    max_epochs: int = 10
-    max_steps: Optional[int] = None  # stop after this many optimizer steps (None: run all epochs)
-    time_limit_min: Optional[float] = None  # save and stop after this long
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.0
-    grad_accum: int = 1
-    grad_clip: Optional[float] = 1.0
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    device: str = "auto"
-    val_every: int = 1  # epochs
-    early_stop_patience: Optional[int] = None  # validations without improvement
-    monitor: str = "dice"
-    max_nonfinite: int = 10
-    log_every: int = 10
-    deterministic: bool = True
-    progress: bool = True
-    prompted_eval: bool = False  # also log val/prompted/* (always on when dataset.mode != everything)
+    _target_: str = MISSING
+    max_epochs: int = MISSING
+    max_steps: Optional[int] = MISSING  # stop after this many optimizer steps (None: run all epochs)
+    time_limit_min: Optional[float] = MISSING  # save and stop after this long
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: List[float] = MISSING
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING
+    grad_accum: int = MISSING
+    grad_clip: Optional[float] = MISSING
+    precision: str = MISSING  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    device: str = MISSING
+    val_every: int = MISSING  # epochs
+    early_stop_patience: Optional[int] = MISSING  # validations without improvement
+    monitor: str = MISSING
+    max_nonfinite: int = MISSING
+    log_every: int = MISSING
+    deterministic: bool = MISSING
+    progress: bool = MISSING
+    prompted_eval: bool = MISSING  # also log val/prompted/* (always on when dataset.mode != everything)
     # COCO mask AP/AR + IoU-head calibration (val/coco_raw/*, val/coco_amg/*, val/calibration/*) at the
     # validations of every N-th epoch and the last one; 0: off (COCOeval and the AMG pass are slow)
-    coco_eval_every: int = 0
-    coco_eval_amg: bool = True  # also score the stock AMG output (a second pass over each image)
-    tune_amg: bool = True  # at the end, tune the AMG thresholds for best.pt on val (best.amg.yaml)
-    tune_max_images: Optional[int] = None  # val images the tuning decodes (null: all)
+    coco_eval_every: int = MISSING
+    coco_eval_amg: bool = MISSING  # also score the stock AMG output (a second pass over each image)
+    tune_amg: bool = MISSING  # at the end, tune the AMG thresholds for best.pt on val (best.amg.yaml)
+    tune_max_images: Optional[int] = MISSING  # val images the tuning decodes (null: all)
 
 
 @dataclass
 class VisualConfig:
-    save_every_n_epochs: int = 0  # 0: only when a new best score is reached
-    num_images: int = 2
+    save_every_n_epochs: int = MISSING  # 0: only when a new best score is reached
+    num_images: int = MISSING
 
 
 @dataclass
 class LoggerConfig:
-    _target_: str = "mobilesam_se.loggers.WandbLogger"
-    project: str = "mobilesam-se"
-    entity: Optional[str] = None
-    mode: str = "auto"  # auto: online when W&B is set up, else offline | online | offline | disabled
-    group: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    log_images: bool = True
+    _target_: str = MISSING
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: str = MISSING  # auto: online when W&B is set up, else offline | online | offline | disabled
+    group: Optional[str] = MISSING
+    name: Optional[str] = MISSING
+    tags: List[str] = MISSING
+    log_images: bool = MISSING
 
 
 @dataclass

@@ -100,3 +100,36 @@ def test_wrong_type_fails_at_compose_time():
 
 def test_logger_none_disables_wandb():
     assert compose_cfg(["logger=none"]).logger is None
+
+
+# The YAML is the one source of defaults: a key a group's YAML sets has no second default in the schema.
+SCHEMA_GROUPS = {"trainer": "TrainerConfig", "loss": "LossConfig", "visual": "VisualConfig", "freeze": "FreezeConfig",
+                 "matching": "MatchingConfig", "logger": "LoggerConfig"}
+
+
+@pytest.mark.parametrize("group", sorted(SCHEMA_GROUPS))
+def test_group_yaml_is_the_one_source_of_its_defaults(group):
+    import dataclasses
+
+    import yaml
+    from omegaconf import MISSING
+
+    from mobilesam_se import config as schema
+
+    fields = {f.name: f for f in dataclasses.fields(getattr(schema, SCHEMA_GROUPS[group]))}
+    files = sorted((CONF / group).glob("*.yaml"))
+    assert files
+    doubled = []
+    for path in files:
+        for key in (yaml.safe_load(path.read_text()) or {}):
+            f = fields.get(key)
+            if f is not None and f.default is not MISSING and f.default != MISSING:
+                doubled.append(f"{path.name}: {key} (schema default {f.default!r})")
+    assert not doubled, f"conf/{group} sets keys that mobilesam_se/config.py also defaults: {doubled}"
+
+
+def test_loss_group_carries_its_target_and_reads_the_matching_rule():
+    cfg = compose_cfg(["matching=bootstrap"])
+    assert cfg.loss._target_ == "mobilesam_se.losses.everything.EverythingLoss"
+    assert cfg.trainer._target_ == "mobilesam_se.engine.trainer.Trainer"
+    assert (cfg.loss.point_credit, cfg.loss.point_fg) == (cfg.matching.point_credit, cfg.matching.point_fg) == (1.0, True)
