@@ -109,12 +109,12 @@ def _require_paths(cfg: DictConfig, split: str, node: DictConfig) -> None:
 
 
 def build_datasets(cfg: DictConfig, progress: bool = False):
-    """Index both splits, then check every sample (cached per dataset version, see data/checks.py).
+    """Index both splits, then check every sample (cached per dataset version, see data/check.py).
 
     The datasets are indexed in skip mode so that the check sees every problem, the indexing ones
     and the decoding ones, and reports them together; with dataset.on_error=raise any problem then
     stops the run, with dataset.on_error=skip the bad samples are dropped and reported."""
-    from mobilesam_se.data.checks import check_dataset
+    from mobilesam_se.data.check import check_dataset
     from mobilesam_se.data.errors import DatasetError
 
     resolve_val_split(cfg)

@@ -38,7 +38,7 @@ def perturbed_official_state_dict(ref: torch.nn.Module, seed: int = 0, scale: fl
             sd[k] = v + scale * torch.randn(v.shape, generator=g)
     return sd
 
-# The start-up dataset check caches its results (mobilesam_se/data/checks.py): one folder per test session.
+# The start-up dataset check caches its results (mobilesam_se/data/check.py): one folder per test session.
 if "MOBILESAM_SE_CACHE" not in os.environ:
     import tempfile
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from mobilesam_se.data import CocoDataset, DatasetError, SA1BDataset, build_dataset
+from mobilesam_se.data import CocoDataset, DatasetError, SA1BDataset
 
 S = 64
 HW = (20, 30)
@@ -89,7 +89,7 @@ def test_coco_polygon_rle_and_iscrowd(tmp_path):
 
 def test_coco_cap_keeps_largest(tmp_path):
     images, ann_file, _, expected = coco_fixture(tmp_path)
-    ds = build_dataset("coco", image_dir=images, annotation_file=ann_file, image_size=S, max_masks_per_image=2)
+    ds = CocoDataset(image_dir=images, annotation_file=ann_file, image_size=S, max_masks_per_image=2)
     # areas 77, 62, 50: the 50-pixel rectangle goes
     np.testing.assert_array_equal(ds[0].masks.numpy(), np.stack(expected[:2]))
 

@@ -10,7 +10,6 @@ from torch.utils.data import DataLoader
 from mobilesam_se.data import (
     FolderDataset,
     SyntheticDataset,
-    build_dataset,
     collate_samples,
     lowres_targets,
     write_folder_sample,
@@ -104,12 +103,10 @@ def test_collate_stacks_fixed_fields_and_lists_the_rest(tmp_path):
         collate_samples([])
 
 
-def test_factory_and_option_checks(tmp_path):
+def test_option_checks(tmp_path):
     write_folder_sample(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), [rect((8, 8), 0, 4, 0, 4)])
-    ds = build_dataset("folder", root=tmp_path, image_size=32)
-    assert isinstance(ds, FolderDataset) and ds[0].masks_lowres.shape == (1, 8, 8)
-    with pytest.raises(ValueError, match="unknown dataset kind"):
-        build_dataset("imagenet", root=tmp_path)
+    ds = FolderDataset(root=tmp_path, image_size=32)
+    assert ds[0].masks_lowres.shape == (1, 8, 8)
     with pytest.raises(ValueError, match="on_error"):
         FolderDataset(tmp_path, on_error="ignore")
     with pytest.raises(ValueError, match="image_size"):

@@ -7,7 +7,7 @@ checkpoints in the official layouts, cached under their names so that `mobile_sa
 resolve without a network. Smoke overrides are appended (they win) so each runs in seconds:
 
 - `python run.py` (no -m), `python -m mobilesam_se.{segment,evaluate,export,weights,distill.cache,
-  data.validate}`: run in-process, for real (one training step, one image);
+  data.check}`: run in-process, for real (one training step, one image);
 - commands that need a cluster, several GPUs, the network or minutes (SLURM launcher / sbatch /
   torchrun / -m sweeps / the benchmarks / make / pip / W&B): their run.py overrides must compose
   (each sweep's first job), the scripts and make targets they name must exist. Their own tests
@@ -177,9 +177,9 @@ def _run_train(args: List[str], world: Dict[str, str], label: str) -> None:
 
 def _run_cli(module: str, args: List[str]) -> None:
     GlobalHydra.instance().clear()
-    if module in ("weights", "data.validate"):
+    if module in ("weights", "data.check"):
         mod = __import__(f"mobilesam_se.{module}", fromlist=["main"])
-        assert mod.main(args + (["--no-progress"] if module == "data.validate" or args[:1] == ["fetch"] else [])) == 0
+        assert mod.main(args + (["--no-progress"] if module == "data.check" or args[:1] == ["fetch"] else [])) == 0
         return
     if module == "distill.cache":
         from mobilesam_se.distill.cache import main
@@ -212,7 +212,7 @@ def _compose_only(args: List[str]) -> None:
         compose_cfg([a for a in args], return_hydra_config=True)
 
 
-CLIS = ("segment", "evaluate", "export", "tune", "weights", "distill.cache", "data.validate")
+CLIS = ("segment", "evaluate", "export", "tune", "weights", "distill.cache", "data.check")
 
 
 def run_command(cmd: str, world: Dict[str, str], label: str) -> str:

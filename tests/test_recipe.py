@@ -25,7 +25,7 @@ import yaml
 from hydra_utils import compose_cfg
 from mobilesam_se import weights
 from mobilesam_se.data import DatasetError, FolderDataset, write_folder_sample
-from mobilesam_se.data.checks import check_dataset
+from mobilesam_se.data.check import check_dataset
 from mobilesam_se.distill import build_distiller
 from mobilesam_se.distill.cache import precompute
 from mobilesam_se.models import teachers as teachers_mod

@@ -3,13 +3,12 @@
 Layouts: `FolderDataset` (image/ + mask/<id>/), `CocoDataset`, `SA1BDataset`, and
 `SyntheticDataset` (generated scenes in the folder layout). All return `Sample`s; batch them
 with `collate_samples`. Bad data raises `DatasetError` (or is skipped with on_error="skip");
-`check_dataset` / `python -m mobilesam_se.data.validate` list every problem at once.
+`check_dataset` / `python -m mobilesam_se.data.check` list every problem at once.
 """
 from mobilesam_se.data.base import MaskDataset
-from mobilesam_se.data.checks import check_dataset
+from mobilesam_se.data.check import check_dataset
 from mobilesam_se.data.coco import CocoDataset
 from mobilesam_se.data.errors import DatasetError, Problem
-from mobilesam_se.data.factory import DATASETS, build_dataset
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 from mobilesam_se.data.sa1b import SA1BDataset
@@ -24,7 +23,6 @@ from mobilesam_se.data.targets import lowres_size, lowres_targets
 
 __all__ = [
     "CocoDataset",
-    "DATASETS",
     "DatasetError",
     "FolderDataset",
     "MaskDataset",
@@ -32,7 +30,6 @@ __all__ = [
     "SA1BDataset",
     "Sample",
     "SyntheticDataset",
-    "build_dataset",
     "check_dataset",
     "collate_samples",
     "default_synthetic_dir",

@@ -76,7 +76,7 @@ class MaskDataset(Dataset, Generic[R]):
             self.skipped.extend(problems)
             logger.warning(
                 "%s: skipped %d problem(s) while indexing, e.g. %s (see .skipped or run "
-                "`python -m mobilesam_se.data.validate`)", self.source, len(problems), problems[0],
+                "`python -m mobilesam_se.data.check`)", self.source, len(problems), problems[0],
             )
         self._records: List[R] = records
 
@@ -124,7 +124,7 @@ class MaskDataset(Dataset, Generic[R]):
                 self._mark_bad(i, exc.problems)
                 continue
             return self._make_sample(record, image, masks, dropped[0] if dropped else None)
-        raise DatasetError(Problem(self.source, "no readable image left; run `python -m mobilesam_se.data.validate`"))
+        raise DatasetError(Problem(self.source, "no readable image left; run `python -m mobilesam_se.data.check`"))
 
     def validate(self, progress: bool = False) -> List[Problem]:
         """Decode every sample and return all problems at once (none: an empty list).

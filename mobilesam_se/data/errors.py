@@ -42,5 +42,5 @@ def format_problems(problems: List[Problem], limit: int = 20) -> str:
     lines = [f"{len(problems)} problems in the dataset:"]
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
-        lines.append(f"  ... and {len(problems) - limit} more (run `python -m mobilesam_se.data.validate` to list all)")
+        lines.append(f"  ... and {len(problems) - limit} more (run `python -m mobilesam_se.data.check` to list all)")
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""`python -m mobilesam_se.data.validate`: output and exit codes."""
+"""`python -m mobilesam_se.data.check`: output and exit codes."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "mobilesam_se.data.validate", *args, "--no-progress"],
+        [sys.executable, "-m", "mobilesam_se.data.check", *args, "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
 
