@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Dict, Generic, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import Dict, Generic, List, NamedTuple, Optional, Sequence, Set, Tuple, TypeVar
 
 import numpy as np
 import torch
@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 
 ON_ERROR = ("raise", "skip")
 R = TypeVar("R")  # a record: any dataclass with `image_id: str` and `image_path: Path`
+
+
+class Decoded(NamedTuple):
+    """What `_decode` returns for one record."""
+
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    masks: np.ndarray  # (K, H, W) bool, at most `max_masks_per_image`
+    ignore: Optional[np.ndarray] = None  # (H, W) bool: crowd regions and objects the cap left out
 
 
 class MaskDataset(Dataset, Generic[R]):
@@ -90,8 +98,7 @@ class MaskDataset(Dataset, Generic[R]):
         """Good records and the problems found by listing files (no decoding)."""
         raise NotImplementedError
 
-    def _decode(self, record: R) -> Tuple[np.ndarray, np.ndarray]:
-        """(H,W,3) uint8 RGB image and (K,H,W) bool masks, at most `max_masks_per_image` of them."""
+    def _decode(self, record: R) -> Decoded:
         raise NotImplementedError
 
     # ---- public API ---------------------------------------------------------------------------
@@ -117,13 +124,13 @@ class MaskDataset(Dataset, Generic[R]):
                 continue
             record = self._records[i]
             try:
-                image, masks, *dropped = self._decode(record)
+                decoded = self._decode(record)
             except DatasetError as exc:
                 if self.on_error == "raise":
                     raise
                 self._mark_bad(i, exc.problems)
                 continue
-            return self._make_sample(record, image, masks, dropped[0] if dropped else None)
+            return self._make_sample(record, decoded.image, decoded.masks, decoded.ignore)
         raise DatasetError(Problem(self.source, "no readable image left; run `python -m mobilesam_se.data.check`"))
 
     def validate(self, progress: bool = False) -> List[Problem]:

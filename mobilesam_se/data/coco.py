@@ -6,11 +6,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import numpy as np
 
-from mobilesam_se.data.base import MaskDataset
+from mobilesam_se.data.base import Decoded, MaskDataset
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.image_io import load_image_rgb
 from mobilesam_se.data.rle import decode_segmentations
@@ -102,7 +101,7 @@ class CocoDataset(MaskDataset[CocoRecord]):
     def source_files(self) -> List[Path]:
         return [self.annotation_file, *super().source_files()]  # the masks come from the JSON
 
-    def _decode(self, record: CocoRecord) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def _decode(self, record: CocoRecord) -> Decoded:
         problems: List[Problem] = []
         image = None
         try:
@@ -121,4 +120,4 @@ class CocoDataset(MaskDataset[CocoRecord]):
                 dropped = union if dropped is None else (dropped | union)
         if problems:
             raise DatasetError(problems)
-        return image, masks, dropped
+        return Decoded(image, masks, dropped)

@@ -14,7 +14,7 @@ from typing import Dict, List, Set, Tuple
 
 import numpy as np
 
-from mobilesam_se.data.base import MaskDataset, stack_masks
+from mobilesam_se.data.base import Decoded, MaskDataset, stack_masks
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.image_io import (
     IMAGE_EXTENSIONS,
@@ -171,7 +171,7 @@ class FolderDataset(MaskDataset[FolderRecord]):
         return problems
 
     # ---- decoding -----------------------------------------------------------------------------
-    def _decode(self, record: FolderRecord) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, record: FolderRecord) -> Decoded:
         problems: List[Problem] = []
         image = None
         try:
@@ -193,7 +193,7 @@ class FolderDataset(MaskDataset[FolderRecord]):
         if problems:
             raise DatasetError(problems)
         assert image is not None
-        return image, stack_masks(masks, image.shape[:2])
+        return Decoded(image, stack_masks(masks, image.shape[:2]))
 
     @staticmethod
     def _check_mask(path: Path, mask: np.ndarray, image: np.ndarray | None, image_path: Path) -> Problem | None:

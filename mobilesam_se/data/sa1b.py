@@ -4,11 +4,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Tuple
 
-import numpy as np
 
-from mobilesam_se.data.base import MaskDataset
+from mobilesam_se.data.base import Decoded, MaskDataset
 from mobilesam_se.data.coco import read_json
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.image_io import is_hidden, load_image_rgb
@@ -64,7 +63,7 @@ class SA1BDataset(MaskDataset[SA1BRecord]):
                 ))
         return records, problems
 
-    def _decode(self, record: SA1BRecord) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def _decode(self, record: SA1BRecord) -> Decoded:
         data = read_json(record.json_path)
         info: Any = data.get("image") if isinstance(data, dict) else None
         if not isinstance(info, dict) or "height" not in info or "width" not in info:
@@ -86,4 +85,4 @@ class SA1BDataset(MaskDataset[SA1BRecord]):
         problems += mask_problems
         if problems:
             raise DatasetError(problems)
-        return image, masks, dropped
+        return Decoded(image, masks, dropped)

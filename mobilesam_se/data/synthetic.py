@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 
-from mobilesam_se.data.base import MaskDataset, stack_masks
+from mobilesam_se.data.base import Decoded, MaskDataset, stack_masks
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 
@@ -352,10 +352,10 @@ class SyntheticStreamDataset(MaskDataset[StreamRecord]):
         return [StreamRecord(f"e{e:04d}_{i:06d}", Path(f"stream-{self.split}/epoch{e:04d}/{i:06d}"), i)
                 for i in range(self.num_images)], []
 
-    def _decode(self, record: StreamRecord) -> Tuple[np.ndarray, np.ndarray]:
+    def _decode(self, record: StreamRecord) -> Decoded:
         rng = np.random.default_rng(np.random.SeedSequence([self.stream_seed, self.epoch, record.index]))
         image, masks = render_scene(rng, _image_hw(rng, self.image_hw), **self.scene_options)
-        return image, stack_masks(masks, image.shape[:2])
+        return Decoded(image, stack_masks(masks, image.shape[:2]))
 
     def validate(self, progress: bool = False) -> List:
         """Generated scenes have nothing to check; skipping the pass saves drawing a whole epoch."""
