@@ -104,8 +104,8 @@ def ref_decode(pair: Pair, emb: Tensor, pts: Tensor, multimask_output: bool = Tr
 
 def our_decode(pair: Pair, emb: Tensor, pts: Tensor, multimask_output: bool = True,
                points_per_batch: Optional[int] = None, activation_checkpointing: bool = False):
-    out = pair.ours.predict_grid(emb, pts, multimask_output=multimask_output, points_per_batch=points_per_batch,
-                                 activation_checkpointing=activation_checkpointing)
+    pair.ours.set_grad_checkpointing(activation_checkpointing)
+    out = pair.ours.predict_grid(emb, pts, multimask_output=multimask_output, points_per_batch=points_per_batch)
     return out.masks[0], out.iou_pred[0]
 
 

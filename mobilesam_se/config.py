@@ -21,7 +21,7 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt
     multimask_output: bool = True  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)
     points_per_batch: int = 64  # prompts decoded per chunk
-    activation_checkpointing: bool = False  # recompute each prompt chunk in backward
+    activation_checkpointing: bool = False  # recompute each prompt chunk in backward (the model's grad_checkpointing flag)
     drop_path_rate: float = 0.0
     net: Any = field(
         default_factory=lambda: {
@@ -30,6 +30,7 @@ class ModelConfig:
             "size": "${model.size}",
             "checkpoint": "${model.checkpoint}",
             "drop_path_rate": "${model.drop_path_rate}",
+            "grad_checkpointing": "${model.activation_checkpointing}",
         }
     )
 

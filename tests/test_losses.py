@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from mobilesam_se.losses import (EverythingLoss, dice_loss, iou_confidence_bce, iou_mse, sigmoid_bce,
-                                 sigmoid_focal)
+from mobilesam_se.losses import (EverythingLoss, bce_per_mask, dice_loss, dice_per_mask, focal_per_mask,
+                                 iou_confidence_bce, iou_mse, sigmoid_bce, sigmoid_focal)
 
 
 def sig(x: float) -> float:
@@ -253,3 +253,41 @@ def test_cls_term_off_is_zero_but_keeps_the_graph():
     assert out["cls"].item() == 0.0 and out["cls"].requires_grad
     with pytest.raises(ValueError, match="loss.cls_term"):
         EverythingLoss(cls_term="all")
+
+
+# One implementation per mask loss: (..., h, w) -> (...), against the textbook formulas in float64.
+def reference_terms(x: torch.Tensor, t: torch.Tensor, alpha: float, gamma: float):
+    x, t = x.double(), t.double().expand_as(x)
+    p = torch.sigmoid(x)
+    ce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p))
+    p_t = torch.where(t > 0, p, 1 - p)
+    a_t = torch.where(t > 0, torch.full_like(p, alpha), torch.full_like(p, 1 - alpha)) if alpha >= 0 else 1.0
+    focal = a_t * (1 - p_t) ** gamma * ce
+    dice = 1 - (2 * (p * t).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + t.sum((-2, -1)) + 1)
+    return ce.mean((-2, -1)), focal.mean((-2, -1)), dice
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0)])
+def test_per_mask_losses_equal_the_reference_formulas(alpha, gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, 9, 11, generator=g) * 3  # logits of 4 prompts x 3 candidates
+    targets = torch.rand(4, 1, 9, 11, generator=g) > 0.5  # one target per prompt, broadcast
+    bce, focal, dice = reference_terms(logits, targets, alpha, gamma)
+    torch.testing.assert_close(bce_per_mask(logits, targets), bce.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(focal_per_mask(logits, targets, alpha, gamma), focal.float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(dice_per_mask(logits, targets), dice.float(), rtol=1e-5, atol=1e-7)
+    # The everything loss's scalar terms are the same functions' means over the masks.
+    flat_x, flat_t = logits.flatten(0, 1), targets.expand_as(logits).flatten(0, 1)
+    assert torch.equal(sigmoid_bce(flat_x, flat_t), bce_per_mask(flat_x, flat_t).mean())
+    assert torch.equal(sigmoid_focal(flat_x, flat_t, alpha, gamma), focal_per_mask(flat_x, flat_t, alpha, gamma).mean())
+    assert torch.equal(dice_loss(flat_x, flat_t), dice_per_mask(flat_x, flat_t).mean())
+
+
+def test_point_supervision_selects_by_the_shared_focal_and_dice():
+    g = torch.Generator().manual_seed(1)
+    cand = torch.randn(6, 3, 8, 8, generator=g) * 3
+    gt = torch.rand(6, 8, 8, generator=g) > 0.5
+    for alpha in (0.25, -1.0):  # a negative alpha disables the class weighting here too
+        loss = EverythingLoss(w_focal=15.0, w_dice=1.0, focal_alpha=alpha)
+        _, focal, dice = reference_terms(cand, gt[:, None], alpha, 2.0)
+        assert loss._best_candidate(cand, gt).tolist() == (15 * focal + dice).argmin(1).tolist()

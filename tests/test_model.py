@@ -79,7 +79,8 @@ def test_gradients_and_activation_checkpointing_agree():
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
-        out = model.predict_grid(model.encode(x), pts, points_per_batch=3, activation_checkpointing=ckpt)
+        model.set_grad_checkpointing(ckpt)
+        out = model.predict_grid(model.encode(x), pts, points_per_batch=3)
         (out.masks.sigmoid().mean() + out.iou_pred.pow(2).mean()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()

@@ -29,14 +29,15 @@ def unfreeze_parts(model: nn.Module, parts: Sequence[str], optimizer: torch.opti
                    scheduler=None) -> int:
     """Make `parts` trainable and hand their parameters to `optimizer`. Returns how many tensors."""
     in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    named = []
+    new = set()
     for part in parts:
         for name, p in getattr(model, part).named_parameters():
             p.requires_grad_(True)
             if id(p) not in in_opt:
-                named.append((f"{part}.{name}", p))
+                new.add(f"{part}.{name}")
     base_lr = optimizer.defaults["lr"]
-    for g in param_groups(named, weight_decay, tag="unfrozen_"):
+    # The same decay rule as the optimizer's first groups (the model's `no_weight_decay`).
+    for g in param_groups(model, weight_decay, names=new, tag="unfrozen_"):
         g["lr"] = base_lr
         g["initial_lr"] = base_lr
         optimizer.add_param_group(g)
@@ -45,7 +46,7 @@ def unfreeze_parts(model: nn.Module, parts: Sequence[str], optimizer: torch.opti
             scheduler.base_lrs.append(base_lr)
             scheduler.lr_lambdas.append(scheduler.lr_lambdas[0])
             g["lr"] = base_lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
-    return len(named)
+    return len(new)
 
 
 def freeze_batchnorm_stats(model: nn.Module) -> int:

@@ -2,19 +2,26 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, List, Tuple
+from typing import Collection, List, Optional
 
 import torch
 import torch.nn as nn
 
 
-def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay: float, tag: str = "") -> List[dict]:
-    """Biases, norms, embeddings and TinyViT's attention biases get no weight decay."""
+def param_groups(model: nn.Module, weight_decay: float, names: Optional[Collection[str]] = None,
+                 tag: str = "") -> List[dict]:
+    """AdamW groups of `model`'s trainable parameters (only those named in `names`, when given).
+
+    As timm does: no decay for 1-d parameters (biases, norm weights) and for the names the model
+    declares in `no_weight_decay()` (its embeddings, tokens, attention biases); every other
+    weight decays, convolutions included.
+    """
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
-    for name, p in named_params:
-        if not p.requires_grad:
+    for name, p in model.named_parameters():
+        if not p.requires_grad or (names is not None and name not in names):
             continue
-        if p.ndim <= 1 or name.endswith(".bias") or "attention_biases" in name or "embed" in name:
+        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
             no_decay.append(p)
         else:
             decay.append(p)
@@ -27,7 +34,7 @@ def param_groups(named_params: Iterable[Tuple[str, nn.Parameter]], weight_decay:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
-    groups = param_groups(model.named_parameters(), weight_decay)
+    groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (see the freeze.* options)")
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))

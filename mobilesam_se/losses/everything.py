@@ -6,7 +6,8 @@ from typing import Any, Dict, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from mobilesam_se.losses.mask import dice_loss, iou_confidence_bce, iou_mse, sigmoid_bce, sigmoid_focal
+from mobilesam_se.losses.mask import (dice_loss, dice_per_mask, focal_per_mask, iou_confidence_bce, iou_mse, sigmoid_bce,
+                                      sigmoid_focal)
 from mobilesam_se.matching import MatchResult, match_candidates, point_in_masks
 
 TERMS = ("bce", "focal", "dice", "iou", "cls")
@@ -140,15 +141,9 @@ class EverythingLoss(nn.Module):
 
     def _best_candidate(self, cand: Tensor, gt: Tensor) -> Tensor:
         """(n,) index of the lowest focal + Dice candidate of each prompt; cand (n, M, h, w), gt (n, h, w)."""
-        cand = cand.float()
-        tgt = gt.float()[:, None].expand_as(cand)
-        prob = cand.sigmoid()
-        dice = 1 - (2 * (prob * tgt).flatten(2).sum(-1) + 1) / (prob.flatten(2).sum(-1) + tgt.flatten(2).sum(-1) + 1)
-        ce = torch.nn.functional.binary_cross_entropy_with_logits(cand, tgt, reduction="none")
-        p_t = prob * tgt + (1 - prob) * (1 - tgt)
-        a_t = self.focal_alpha * tgt + (1 - self.focal_alpha) * (1 - tgt)
-        focal = (a_t * ce * (1 - p_t) ** self.focal_gamma).flatten(2).mean(-1)
-        return (self.weights["focal"] * focal + self.weights["dice"] * dice).argmin(dim=1)
+        tgt = gt[:, None]  # one target for all M candidates of a prompt: broadcast, not copied M times
+        focal = focal_per_mask(cand, tgt, self.focal_alpha, self.focal_gamma)
+        return (self.weights["focal"] * focal + self.weights["dice"] * dice_per_mask(cand, tgt)).argmin(dim=1)
 
     @staticmethod
     @torch.no_grad()

@@ -1,9 +1,11 @@
-"""Per-mask losses on low-res logits; pure functions, each returns a scalar.
+"""Mask and IoU-head losses on low-res logits, each written once.
 
-Mask losses average over the pixels of each mask first, then over the F masks, so every
-object counts the same whatever its size. Logits are promoted to float32 so bf16 autocast
-outputs do not lose precision in the reductions. With F == 0 each returns a zero that is still
-connected to the graph (`x.sum() * 0`), so callers can always add and backward.
+One function per mask loss returns one value per mask, (..., h, w) -> (...): the mean over that
+mask's pixels (Dice: over its pixel sums), so every object counts the same whatever its size.
+Callers reduce: the everything loss averages over its foreground pairs (`sigmoid_bce`,
+`sigmoid_focal`, `dice_loss`), the prompted loss first picks each object's best candidate.
+Targets may broadcast against the logits (one target for a prompt's M candidates). Logits are
+promoted to float32 so bf16 autocast outputs do not lose precision in the reductions.
 """
 from __future__ import annotations
 
@@ -12,55 +14,64 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _zero(x: Tensor) -> Tensor:
-    """A zero scalar on x's graph: keeps backward() valid when there is nothing to learn from."""
-    return x.sum().float() * 0.0
-
-
-def _per_mask_mean(pixel_loss: Tensor) -> Tensor:
-    """(F, ...) per-pixel loss -> mean over pixels, then over masks."""
-    return pixel_loss.flatten(1).mean(1).mean()
-
-
-def sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
-    """Binary cross-entropy with logits; (F, h, w) each, mean over pixels then over F."""
-    if logits.shape[0] == 0:
-        return _zero(logits)
+def bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy with logits, mean over each mask's pixels: (..., h, w) -> (...)."""
     x = logits.float()
-    return _per_mask_mean(F.binary_cross_entropy_with_logits(x, targets.to(x), reduction="none"))
+    return F.binary_cross_entropy_with_logits(x, targets.to(x).expand_as(x), reduction="none").flatten(-2).mean(-1)
 
 
-def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """RetinaNet focal loss per pixel, as SAM trains masks; mean over pixels then over F.
+def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """RetinaNet focal loss, as SAM trains masks, mean over each mask's pixels: (..., h, w) -> (...).
 
     FL = alpha_t * (1 - p_t)^gamma * CE, alpha_t = alpha for positives, 1 - alpha for negatives.
     A negative alpha disables the class weighting.
     """
-    if logits.shape[0] == 0:
-        return _zero(logits)
     x = logits.float()
-    t = targets.to(x)
+    t = targets.to(x).expand_as(x)
     p = torch.sigmoid(x)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
-    return _per_mask_mean(loss)
+    return loss.flatten(-2).mean(-1)
+
+
+def dice_per_mask(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:
+    """Soft Dice loss 1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps) of each mask: (..., h, w) -> (...)."""
+    p = torch.sigmoid(logits.float()).flatten(-2)
+    t = targets.to(p).flatten(-2)
+    return 1 - (2 * (p * t).sum(-1) + eps) / (p.sum(-1) + t.sum(-1) + eps)
+
+
+def _mean_over_masks(per_mask: Tensor) -> Tensor:
+    """Mean of per-mask values; with no masks a zero still on the graph (the sum of nothing), so
+    callers can always add and backward."""
+    return per_mask.mean() if per_mask.numel() else per_mask.sum() * 0.0
+
+
+def sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
+    """`bce_per_mask` of (F, h, w) masks, mean over the F masks."""
+    return _mean_over_masks(bce_per_mask(logits, targets))
+
+
+def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """`focal_per_mask` of (F, h, w) masks, mean over the F masks."""
+    return _mean_over_masks(focal_per_mask(logits, targets, alpha, gamma))
 
 
 def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:
-    """Soft dice 1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps) per mask, mean over F."""
-    if logits.shape[0] == 0:
-        return _zero(logits)
-    p = torch.sigmoid(logits.float()).flatten(1)
-    t = targets.to(p).flatten(1)
-    dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
-    return (1 - dice).mean()
+    """`dice_per_mask` of (F, h, w) masks, mean over the F masks."""
+    return _mean_over_masks(dice_per_mask(logits, targets, eps))
+
+
+def _zero(x: Tensor) -> Tensor:
+    """A zero scalar on x's graph: keeps backward() valid when there is nothing to learn from."""
+    return x.sum().float() * 0.0
 
 
 def iou_mse(pred_iou: Tensor, true_iou: Tensor) -> Tensor:
-    """Mean squared error of the IoU head against the measured IoU; (N,) each."""
+    """Mean squared error of the IoU head against the measured IoU; (N,) each (any shape)."""
     if pred_iou.numel() == 0:
         return _zero(pred_iou)
     x = pred_iou.float()

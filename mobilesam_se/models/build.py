@@ -40,11 +40,13 @@ def build_mobilesam(
     size: str = "full",
     checkpoint: Optional[str] = None,
     drop_path_rate: float = 0.0,
+    grad_checkpointing: bool = False,
 ) -> SamModel:
     """MobileSAM. `size='full'` is the official architecture; `size='tiny'` is for tests.
 
     `checkpoint`, when given, is an official-layout file (`mobile_sam.pt`, our `best.pt`) or our
-    `last.ckpt`, loaded strictly.
+    `last.ckpt`, loaded strictly. `grad_checkpointing` sets the model's flag
+    (`model.activation_checkpointing` in the config).
     """
     if size == "full":
         model = build_sam_head(TinyVitImageEncoder(MOBILESAM_TINYVIT, drop_path_rate), image_size, "sam")
@@ -54,6 +56,7 @@ def build_mobilesam(
         model = build_sam_head(TinyVitImageEncoder(TINY_TINYVIT, drop_path_rate), image_size, "tiny")
     else:
         raise ValueError(f"model.size must be 'full', 'small' or 'tiny', got {size!r}")
+    model.set_grad_checkpointing(grad_checkpointing)
     if checkpoint:
         from mobilesam_se.models.checkpoint import load_model_weights
 

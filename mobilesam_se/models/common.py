@@ -1,4 +1,9 @@
-"""Small building blocks shared by the encoder neck and the mask decoder."""
+"""Small building blocks of the mask decoder and the two-way transformer.
+
+The channel LayerNorm of NCHW maps (neck, mask downscaling, output upscaling) is timm's
+`LayerNorm2d`: `F.layer_norm` on a channels-last view, eps 1e-6 and parameters `weight` / `bias`
+as SAM's, so official checkpoints load by name.
+"""
 from __future__ import annotations
 
 from typing import Type
@@ -6,24 +11,6 @@ from typing import Type
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class LayerNorm2d(nn.Module):
-    """Channel LayerNorm of an NCHW map (SAM's `LayerNorm2d`, eps 1e-6).
-
-    Computed by the fused `F.layer_norm` on a channels-last view instead of SAM's hand-written
-    mean/var, which is several elementwise passes over the map.
-    """
-
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
 
 
 class MLP(nn.Module):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Set, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 from timm.models.tiny_vit import Attention as TinyVitAttention
 from timm.models.tiny_vit import TinyVit
-
-from mobilesam_se.models.common import LayerNorm2d
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,10 @@ class TinyVitImageEncoder(nn.Module):
     @property
     def out_chans(self) -> int:
         return self.config.out_chans
+
+    def no_weight_decay(self) -> Set[str]:
+        """timm's TinyViT declares its attention biases (learned relative-position tables)."""
+        return {f"trunk.{name}" for name in self.trunk.no_weight_decay()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.neck(self.trunk.forward_features(x))

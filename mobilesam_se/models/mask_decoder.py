@@ -15,13 +15,14 @@ the GELUs run in place and the masks are written straight into their final layou
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Type
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 
-from mobilesam_se.models.common import MLP, LayerNorm2d
+from mobilesam_se.models.common import MLP
 from mobilesam_se.models.transformer import TwoWayTransformer
 
 Tensor = torch.Tensor
@@ -71,6 +72,10 @@ class MaskDecoder(nn.Module):
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
         # Prompts per piece of the per-prompt work; None: automatic (see `chunk_sizes`).
         self.prompt_chunk: Optional[int] = None
+
+    def no_weight_decay(self) -> Set[str]:
+        """The learned output tokens (IoU and mask tokens), like a ViT's class token."""
+        return {"iou_token.weight", "mask_tokens.weight"}
 
     def mask_slice(self, multimask_output: bool) -> slice:
         # Token 0 answers an ambiguous single prompt; tokens 1..3 are the multimask candidates.

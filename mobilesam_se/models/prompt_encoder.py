@@ -7,12 +7,11 @@ whole grid of single-point prompts is embedded in one call.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
-
-from mobilesam_se.models.common import LayerNorm2d
+from timm.layers import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -73,6 +72,11 @@ class PromptEncoder(nn.Module):
             nn.Conv2d(mask_in_chans, embed_dim, kernel_size=1),
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
+
+    def no_weight_decay(self) -> Set[str]:
+        """The learned prompt embeddings (point labels, box corners, padding, no mask): tokens like a
+        ViT's class token, which weight decay would only pull toward zero."""
+        return {f"{name}.weight" for name, m in self.named_modules() if isinstance(m, nn.Embedding)}
 
     def get_dense_pe(self) -> torch.Tensor:
         """(1, C, h, w) positional encoding of the image embedding grid."""

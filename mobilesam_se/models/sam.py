@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Set
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ class SamModel(nn.Module):
     """MobileSAM (or a SAM teacher) with `image_size` as a real parameter.
 
     `image_size` S sets the input (S x S after resize + pad), the embedding grid (S/16) and the
-    low-res masks (S/4).
+    low-res masks (S/4). Training settings are declared by the model, as timm's models do:
+    `set_grad_checkpointing` and `no_weight_decay`.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class SamModel(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.image_size = image_size
+        self.grad_checkpointing = False
 
     # CPU: recomputed activations of one checkpointed piece of prompts, at most about this many bytes.
     # A prompt's decoder activations are ~64 x N x C bytes (N embedding positions, C channels:
@@ -99,6 +101,20 @@ class SamModel(nn.Module):
     CPU_CHECKPOINT_BYTES = 512 << 20
     # Prompts per checkpointed piece; None: automatic (all of points_per_batch off the CPU).
     checkpoint_chunk: Optional[int] = None
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each piece of prompts' decoder activations in backward (timm's name and use).
+
+        The decoder is what grows with the grid: its activations are per prompt, the encoder's per
+        image. Gradients are the same either way; memory falls to one piece's worth.
+        """
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the weights AdamW must not decay, beyond the biases and other 1-d parameters
+        (norms) that the optimiser exempts by shape: each part's learned embeddings."""
+        return {f"{name}.{key}" for name, part in self.named_children() if hasattr(part, "no_weight_decay")
+                for key in part.no_weight_decay()}
 
     def checkpoint_prompts(self, embeddings: Tensor) -> int:
         """Prompts per checkpointed piece of `decode` (a cap on points_per_batch)."""
@@ -165,7 +181,6 @@ class SamModel(nn.Module):
         mask_input: Optional[Tensor] = None,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = None,
-        activation_checkpointing: bool = False,
         return_features: bool = False,
         record_attention: bool = False,
     ) -> DecoderOutput:
@@ -174,15 +189,15 @@ class SamModel(nn.Module):
         embeddings (B, C, h, w); coords (B, P, K, 2) xy in the resized frame; labels (B, P, K)
         (1 positive, 0 negative, -1 padding); boxes (B, P, 4) XYXY; mask_input (B, 1, 4h, 4w).
         Each image's embedding meets only its own prompts. Differentiable; with
-        `activation_checkpointing` each chunk's activations are recomputed in backward, and a chunk
-        is at most `checkpoint_prompts` prompts (fewer on the CPU, to bound the recomputation).
+        `grad_checkpointing` each chunk's activations are recomputed in backward, and a chunk is at
+        most `checkpoint_prompts` prompts (fewer on the CPU, to bound the recomputation).
         """
         lead = coords if coords is not None else boxes
         if lead is None:
             raise ValueError("decode needs point coords or boxes")
         P = lead.shape[1]
         step = P if not points_per_batch or points_per_batch <= 0 else points_per_batch
-        checkpointed = activation_checkpointing and torch.is_grad_enabled()
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         if checkpointed:
             step = min(step, self.checkpoint_prompts(embeddings))
         outs = []
@@ -217,7 +232,6 @@ class SamModel(nn.Module):
         points: Tensor,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
-        activation_checkpointing: bool = False,
         return_features: bool = False,
         record_attention: bool = False,
     ) -> DecoderOutput:
@@ -232,8 +246,7 @@ class SamModel(nn.Module):
         labels = torch.ones(coords.shape[:3], dtype=torch.long, device=points.device)
         return self.decode(
             embeddings, coords, labels, multimask_output=multimask_output, points_per_batch=points_per_batch,
-            activation_checkpointing=activation_checkpointing, return_features=return_features,
-            record_attention=record_attention,
+            return_features=return_features, record_attention=record_attention,
         )
 
     def forward(
@@ -242,7 +255,7 @@ class SamModel(nn.Module):
         points: Tensor,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: Optional[bool] = None,
         return_features: bool = False,
         record_attention: bool = False,
     ) -> dict:
@@ -250,12 +263,18 @@ class SamModel(nn.Module):
 
         Returns a dict: `embeddings` (B, C, h, w), `masks` (B, P, M, S/4, S/4), `iou_pred` (B, P, M),
         and with `return_features` the decoder's `tokens` / `mask_token_out` / `attention`.
+        `activation_checkpointing` (None: the `grad_checkpointing` flag) overrides the flag for this
+        call only; it stays for the callers written before the flag (`engine.everything`).
         """
         embeddings = self.encode(pixels)
-        out = self.predict_grid(
-            embeddings, points, multimask_output, points_per_batch, activation_checkpointing,
-            return_features, record_attention,
-        )
+        flag = self.grad_checkpointing
+        if activation_checkpointing is not None:
+            self.grad_checkpointing = activation_checkpointing
+        try:
+            out = self.predict_grid(embeddings, points, multimask_output, points_per_batch, return_features,
+                                    record_attention)
+        finally:
+            self.grad_checkpointing = flag
         result = {"embeddings": embeddings, "masks": out.masks, "iou_pred": out.iou_pred}
         if return_features:
             result.update(tokens=out.tokens, mask_token_out=out.mask_token_out, attention=out.attention)

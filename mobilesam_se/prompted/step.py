@@ -33,14 +33,12 @@ class PromptedLoss:
         weights: PromptedLossWeights,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
-        activation_checkpointing: bool = False,
         weight: float = 1.0,
     ) -> None:
         self.sampling = sampling
         self.weights = weights
         self.multimask_output = multimask_output
         self.points_per_batch = points_per_batch
-        self.activation_checkpointing = activation_checkpointing
         self.weight = weight
 
     def _embeddings(self, model: nn.Module, batch: Dict[str, Any], embeddings: Optional[Tensor], device: torch.device,
@@ -61,10 +59,8 @@ class PromptedLoss:
         else:
             kw["coords"] = prompts.coords[rows][None].to(device)
             kw["labels"] = prompts.labels[rows][None].to(device)
-        out = model.decode(
-            embedding, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
-            activation_checkpointing=self.activation_checkpointing, **kw,
-        )
+        # Checkpointed or not as the model's grad_checkpointing flag says (model.activation_checkpointing).
+        out = model.decode(embedding, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch, **kw)
         return out.masks[0], out.iou_pred[0]
 
     def __call__(
@@ -129,6 +125,5 @@ def build_prompted_loss(cfg: DictConfig) -> PromptedLoss:
     )
     return PromptedLoss(
         sampling, weights, multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
-        activation_checkpointing=m.activation_checkpointing,
         weight=float(d.mixed_weight) if d.mode == "mixed" else 1.0,
     )
