@@ -193,9 +193,10 @@ def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
     pts = torch.as_tensor(build_point_grid(grid) * size, dtype=torch.float32)
     data = {"image": torch.randn(batch, 3, size, size), "points": pts[None].expand(batch, -1, -1).contiguous(),
             "masks_lowres": gts}
+    model.set_grad_checkpointing(True)
     objective = SegmentEverythingObjective(
         model, EverythingLoss(), multimask_output=True, points_per_batch=grid * grid if device.type == "cuda" else 64,
-        activation_checkpointing=True, autocast_dtype=torch.bfloat16)
+        autocast_dtype=torch.bfloat16)
 
     def step() -> None:
         objective(data)["loss"].backward()

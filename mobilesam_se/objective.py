@@ -61,6 +61,7 @@ class SegmentEverythingObjective(nn.Module):
     - distiller: `distill.distiller.Distiller` or None. It is not a submodule: its teachers are frozen
       and DDP must neither broadcast nor watch them.
     - autocast_dtype: the model's autocast precision (None: fp32); losses are computed in fp32.
+    Activation checkpointing is the model's own flag (`set_grad_checkpointing`, model.activation_checkpointing).
     """
 
     def __init__(
@@ -73,7 +74,6 @@ class SegmentEverythingObjective(nn.Module):
         distiller: Optional[Any] = None,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
-        activation_checkpointing: bool = False,
         prompts_per_step: Optional[int] = None,
         autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -89,7 +89,6 @@ class SegmentEverythingObjective(nn.Module):
         self.distiller = distiller  # not an nn.Module, so never a registered submodule
         self.multimask_output = multimask_output
         self.points_per_batch = points_per_batch
-        self.activation_checkpointing = activation_checkpointing
         self.prompts_per_step = prompts_per_step
         self.autocast_dtype = autocast_dtype
 
@@ -106,8 +105,7 @@ class SegmentEverythingObjective(nn.Module):
         with autocast(device, self.autocast_dtype):
             out = self.model(
                 pixels, points, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
-                activation_checkpointing=self.activation_checkpointing, return_features=return_features,
-                record_attention=record_attention,
+                return_features=return_features, record_attention=record_attention,
             )
         targets = [_visible_targets(batch["masks_lowres"][b], device) for b in range(pixels.shape[0])]
         lowres_points = self.model.lowres_coords(points)  # the logits' frame (4x coarser than the input)

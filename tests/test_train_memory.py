@@ -42,8 +42,8 @@ def _batch(image_size: int = 256, grid: int = 4) -> dict:
 def _step(model, batch, ckpt: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     crit = EverythingLoss(point_credit=1.0, point_fg=True, point_supervision=True)
     model.zero_grad(set_to_none=True)
-    objective = SegmentEverythingObjective(model, crit, multimask_output=True, points_per_batch=16,
-                                          activation_checkpointing=ckpt)
+    model.set_grad_checkpointing(ckpt)
+    objective = SegmentEverythingObjective(model, crit, multimask_output=True, points_per_batch=16)
     terms = objective(batch)
     terms["loss"].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
