@@ -50,50 +50,20 @@ def write_json(obj: Dict[str, Any], path: PathLike) -> None:
     os.replace(tmp, path)
 
 
-def mask_colors(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 3) uint8 distinct-looking colours (golden-ratio hues, fixed saturation/value jitter)."""
-    import colorsys
+def overlay(image: np.ndarray, records: Sequence[Dict[str, Any]]) -> np.ndarray:
+    """HxWx3 uint8 RGB with each record's mask in its own colour (`visual.overlay_masks_on_image`:
+    larger masks first, so small ones stay visible on top)."""
+    from mobilesam_se.visual import overlay_masks_on_image
 
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        h = (i * 0.618033988749895 + 0.1) % 1.0
-        s = 0.65 + 0.35 * rng.random()
-        v = 0.75 + 0.25 * rng.random()
-        out[i] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
-    return out
-
-
-def overlay(image: np.ndarray, records: Sequence[Dict[str, Any]], alpha: float = 0.45, outline: bool = True) -> np.ndarray:
-    """HxWx3 uint8 RGB with each mask blended in its own colour; larger masks are painted first.
-
-    Each mask is blended on the result so far, so small masks stay visible on top of large ones.
-    """
-    import cv2
-
-    out = image.astype(np.float32).copy()
-    order = sorted(range(len(records)), key=lambda i: -int(records[i]["area"]))
-    colors = mask_colors(len(records))
-    edges = np.zeros(image.shape[:2], dtype=bool)
-    for rank, i in enumerate(order):
-        seg = records[i]["segmentation"]
-        m = seg if isinstance(seg, np.ndarray) else rle_utils.decode(seg)
-        if not m.any():
-            continue
-        out[m] = (1 - alpha) * out[m] + alpha * colors[rank]
-        if outline:
-            m8 = m.astype(np.uint8)
-            edges |= (cv2.dilate(m8, np.ones((3, 3), np.uint8)) - m8).astype(bool)
-    res = np.clip(out, 0, 255).astype(np.uint8)
-    if outline:
-        res[edges] = (0.5 * res[edges] + 127).astype(np.uint8)
-    return res
+    masks = [r["segmentation"] if isinstance(r["segmentation"], np.ndarray) else rle_utils.decode(r["segmentation"])
+             for r in records]
+    stacked = np.stack(masks).astype(bool) if masks else np.zeros((0, *image.shape[:2]), bool)
+    return overlay_masks_on_image(image, stacked)
 
 
 def write_overlay(image: np.ndarray, records: List[Dict[str, Any]], path: PathLike) -> None:
-    import cv2
+    from mobilesam_se.visual import save_rgb
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), overlay(image, records)[..., ::-1]):
-        raise OSError(f"could not write {path}")
+    save_rgb(path, overlay(image, records))
