@@ -8,7 +8,7 @@ which the official `mobile_sam` package re-registers with its own classes on imp
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Set, Tuple
 
 import torch
@@ -26,7 +26,6 @@ class TinyVitConfig:
     window_sizes: Tuple[int, ...] = (7, 7, 14, 7)
     num_classes: int = 1000  # the unused ImageNet head, kept so official checkpoints load strictly
     out_chans: int = 256
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 MOBILESAM_TINYVIT = TinyVitConfig()
