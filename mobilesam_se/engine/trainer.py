@@ -535,7 +535,7 @@ class Trainer:
                     self.best_score = score
                     self.bad_validations = 0
                     if self.dist.is_main:
-                        export_official(self.model, self.ckpt_dir / "best.pt")
+                        export_official(self.model, self.ckpt_dir / "best.pt", self.cfg.model)  # + best.model.yaml
                 else:
                     self.bad_validations += 1
                 every = self.cfg.visual.save_every_n_epochs
