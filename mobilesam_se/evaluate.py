@@ -121,7 +121,7 @@ def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     # Before the dataset: it is read at the image size of the model the checkpoint describes.
-    model = build_from_checkpoint(cfg, checkpoint, typed_model_keys(overrides))
+    model = build_from_checkpoint(checkpoint, cfg, typed_model_keys(overrides))
     model.to(device).eval()
     # The AMG needs the original pixels; the gt is every object unless all_gt=false (the cap is a training aid).
     dataset_kwargs: Dict[str, Any] = {"keep_original": True}

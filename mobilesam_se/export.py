@@ -208,7 +208,7 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> Path:
     if fmt not in ("mobile_sam", "onnx"):
         raise ValueError(f"format must be mobile_sam or onnx, got {fmt!r}")
     overrides = command_line_overrides() if overrides is None else list(overrides)
-    model = build_from_checkpoint(cfg, ckpt, typed_model_keys(overrides)).eval()
+    model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval()
     out = Path(cfg.out)
     if fmt == "mobile_sam":
         if cfg.model.size != "full" or int(cfg.model.image_size) != OFFICIAL_IMAGE_SIZE:

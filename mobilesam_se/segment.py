@@ -118,7 +118,7 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> List[Path]:
         raise ValueError("generator.output_mode must be coco_rle (the JSON holds COCO RLEs)")
     device = resolve_device(cfg.device)
 
-    model = build_from_checkpoint(cfg, ckpt, typed_model_keys(overrides)).eval().to(device)
+    model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval().to(device)
     generator = EverythingGenerator(model, **gen_kwargs)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,7 @@ def load_for_tuning(cfg: DictConfig, overrides: Optional[Sequence[str]] = None):
     seed_everything(cfg.seed)
     overrides = command_line_overrides() if overrides is None else list(overrides)
     # Before the dataset: it is read at the image size of the model the checkpoint describes.
-    model = build_from_checkpoint(cfg, resolve_checkpoint(cfg), typed_model_keys(overrides))
+    model = build_from_checkpoint(resolve_checkpoint(cfg), cfg, typed_model_keys(overrides))
     dataset = instantiate(ds_cfg, max_masks_per_image=None)  # every object counts
     return model, dataset
 

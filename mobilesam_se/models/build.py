@@ -7,7 +7,7 @@ import os
 from typing import Any, Collection, Dict, Optional, Union
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mobilesam_se.models.image_encoder import MOBILESAM_TINYVIT, SMALL_TINYVIT, TINY_TINYVIT, TinyVitImageEncoder
 from mobilesam_se.models.mask_decoder import MaskDecoder
@@ -112,7 +112,8 @@ def _bare_file_description(model_cfg: DictConfig, state: Dict[str, torch.Tensor]
     target = f"{build_mobilesam.__module__}.{build_mobilesam.__qualname__}"
     return {"name": SIZE_OPTIONS[size], "size": size, "image_size": image_size,
             "multimask_output": bool(model_cfg.multimask_output),
-            "net": {"_target_": target, "image_size": image_size, "size": size, "checkpoint": None, "drop_path_rate": 0.0}}
+            "net": {"_target_": target, "image_size": image_size, "size": size, "checkpoint": None,
+                    "drop_path_rate": 0.0}}
 
 
 def _settle_model_config(model_cfg: DictConfig, description: Dict[str, Any], typed: Collection[str],
@@ -140,14 +141,15 @@ def _settle_model_config(model_cfg: DictConfig, description: Dict[str, Any], typ
     model_cfg.net = net
 
 
-def build_from_checkpoint(cfg: DictConfig, checkpoint: Optional[Union[str, os.PathLike]],
+def build_from_checkpoint(checkpoint: Optional[Union[str, os.PathLike]], cfg: Optional[DictConfig] = None,
                           typed: Collection[str] = ()) -> SamModel:
-    """The model of a CLI (segment, evaluate, export, tune): built as the checkpoint describes it, its
-    weights loaded strictly, and `cfg.model` set in place to what was built, so that what reads it
-    afterwards (the dataset's image_size, multimask_output, the report) agrees.
+    """The model of a checkpoint, as the CLIs (segment, evaluate, export, tune) get it: built as the
+    checkpoint describes it, its weights loaded strictly, and `cfg.model` set in place to what was
+    built, so that what reads it afterwards (the dataset's image_size, multimask_output, the report)
+    agrees.
 
-    `cfg`: the CLI's composed config (its `model` group); `typed`: the `model` keys typed on the
-    command line (`overrides.typed_model_keys`). Where the values come from:
+    `cfg`: a composed config with a `model` group (default: the schema's defaults); `typed`: the
+    `model` keys typed on the command line (`overrides.typed_model_keys`). Where the values come from:
       - described files (best.pt + best.model.yaml, last.ckpt, our exports): their description;
       - bare files (mobile_sam.pt): the size their weights' shapes say, 1024 px for the official one;
       - a typed model.image_size / model.multimask_output wins (a warning when it differs from the
@@ -164,13 +166,18 @@ def build_from_checkpoint(cfg: DictConfig, checkpoint: Optional[Union[str, os.Pa
         read_description,
     )
 
+    if cfg is None:
+        from mobilesam_se.config import ModelConfig
+
+        cfg = OmegaConf.create({"model": OmegaConf.structured(ModelConfig)})
     if not checkpoint:
         return instantiate(cfg.model.net, checkpoint=None)
     obj = read_checkpoint(checkpoint)
     state = model_state_from_file(obj)
     found = read_description(checkpoint, obj)
     if found is None:
-        description, source = _bare_file_description(cfg.model, state, typed, str(checkpoint)), "inferred from its weights"
+        description = _bare_file_description(cfg.model, state, typed, str(checkpoint))
+        source = "inferred from its weights"
     else:
         description, source = found
     _settle_model_config(cfg.model, description, typed, str(checkpoint), source)

@@ -209,11 +209,16 @@ def _read_description_file(path: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: unreadable model description ({exc}); {fix}") from exc
     model = body.get("model") if isinstance(body, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("net"), dict) or "_target_" not in model["net"]:
-        raise CheckpointError(f"{path}: a model description needs a `model:` mapping with a `net:` that has a `_target_`; {fix}")
+        raise CheckpointError(f"{path}: a model description needs a `model:` mapping with a `net:` that has a "
+                              f"`_target_`; {fix}")
+    missing = [k for k in DESCRIBED_KEYS if k not in model]
+    if missing:
+        raise CheckpointError(f"{path}: the model description lacks {', '.join(missing)}; {fix}")
     return describe_model(model)
 
 
-def read_description(checkpoint: Union[str, os.PathLike], obj: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], str]]:
+def read_description(checkpoint: Union[str, os.PathLike],
+                     obj: Mapping[str, Any]) -> Optional[Tuple[Dict[str, Any], str]]:
     """(description, where it was found) of a checkpoint whose loaded content is `obj`: the config a
     training checkpoint carries, else the side file; None for a bare file such as `mobile_sam.pt`."""
     config = obj.get("config") if isinstance(obj.get("model"), dict) else None
