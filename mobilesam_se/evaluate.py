@@ -1,8 +1,11 @@
 """Evaluate a checkpoint at segmenting everything.
 
-    python -m mobilesam_se.evaluate checkpoint=outputs/train/.../checkpoints/best.pt model=tiny
-    python -m mobilesam_se.evaluate checkpoint=mobile_sam.pt model.image_size=1024 dataset=coco_sample
+    python -m mobilesam_se.evaluate checkpoint=outputs/train/.../checkpoints/best.pt
+    python -m mobilesam_se.evaluate checkpoint=mobile_sam.pt dataset=coco_sample     # the official model, at 1024
     python -m mobilesam_se.evaluate allow_random=true model=tiny max_images=2     # a demo, no weights
+
+The model is the one the checkpoint describes (`models.build.build_from_checkpoint`), and the
+dataset is read at its image size.
 
 Prints a table and writes `metrics.json` and `calibration.png` to `output` (default: the Hydra
 run directory): the recipe's Hungarian dice / IoU / recall and filtered precision (as in training
@@ -13,7 +16,7 @@ AMG output, and the calibration of the IoU head. See docs/evaluate.md.
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -87,16 +90,19 @@ def generator_kwargs(gcfg: Any) -> Optional[Dict[str, Any]]:
     return g
 
 
-def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
-    """Build the model and dataset from a composed `evaluate` config, evaluate, write the outputs."""
+def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Build the model and dataset from a composed `evaluate` config, evaluate, write the outputs.
+    `overrides`: what was typed (default: this process's Hydra command line)."""
     from hydra.utils import instantiate
 
     from mobilesam_se.precision import resolve_autocast, resolve_device
     from mobilesam_se.evaluation.everything import evaluate_everything
-    from mobilesam_se.models.checkpoint import load_model_weights
+    from mobilesam_se.models.build import build_from_checkpoint
+    from mobilesam_se.overrides import command_line_overrides, typed_keys, typed_model_keys
     from mobilesam_se.setup import seed_everything
-
     from mobilesam_se.weights import resolve
+
+    overrides = command_line_overrides() if overrides is None else list(overrides)
 
     checkpoint = cfg.checkpoint or cfg.model.get("checkpoint")
     if not checkpoint and not cfg.allow_random:
@@ -114,16 +120,14 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    net_cfg = OmegaConf.merge(cfg.model.net, {"checkpoint": None})
-    model = instantiate(net_cfg)
-    if checkpoint:
-        load_model_weights(model, checkpoint)
+    # Before the dataset: it is read at the image size of the model the checkpoint describes.
+    model = build_from_checkpoint(checkpoint, cfg, typed_model_keys(overrides))
     model.to(device).eval()
     # The AMG needs the original pixels; the gt is every object unless all_gt=false (the cap is a training aid).
-    overrides: Dict[str, Any] = {"keep_original": True}
+    dataset_kwargs: Dict[str, Any] = {"keep_original": True}
     if cfg.all_gt:
-        overrides["max_masks_per_image"] = None
-    dataset = instantiate(ds_cfg, **overrides)
+        dataset_kwargs["max_masks_per_image"] = None
+    dataset = instantiate(ds_cfg, **dataset_kwargs)
     if len(dataset) == 0:
         raise UserError(f"the {cfg.split} split of dataset {cfg.dataset.name} is empty")
 
@@ -144,10 +148,10 @@ def run_evaluation(cfg: DictConfig) -> Dict[str, Any]:
     }
     gen_kwargs = generator_kwargs(cfg.generator)
     if gen_kwargs is not None:
-        from mobilesam_se.inference.thresholds import apply_tuned, explicit_generator_keys
+        from mobilesam_se.inference.thresholds import apply_tuned
 
         gen_kwargs, tuned_file = apply_tuned(gen_kwargs, checkpoint, bool(cfg.generator.get("tuned", True)),
-                                             explicit_generator_keys())
+                                             typed_keys("generator", overrides))
         info["amg_thresholds"] = f"tuned ({tuned_file.name})" if tuned_file else "stock"
         info["amg_params"] = {k: gen_kwargs.get(k) for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")}
     report = evaluate_everything(

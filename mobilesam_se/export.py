@@ -1,16 +1,18 @@
 """Export a checkpoint: official MobileSAM weights, or the prompt side (encoder + decoder) as ONNX.
 
     python -m mobilesam_se.export checkpoint=<mobile_sam.pt|best.pt|last.ckpt> format=mobile_sam out=<file.pt>
-    python -m mobilesam_se.export checkpoint=<file> format=onnx out=<file.onnx> [onnx.multimask=true]
+    python -m mobilesam_se.export checkpoint=<file> format=onnx out=<file.onnx>
+
+The model is the one the checkpoint describes (`models.build.build_from_checkpoint`).
 
 `mobile_sam`: weights only, official layout; `mobile_sam.build_sam_vit_t(checkpoint=out)` loads it
-strictly.
+strictly. Beside it, `<out stem>.model.yaml` describes the model, as `best.model.yaml` does `best.pt`.
 
 `onnx`: the prompt encoder + mask decoder for one image embedding, many prompts:
   inputs   image_embeddings (1, C, S/16, S/16) float32   (from the image encoder, run separately)
            point_coords     (P, K, 2) float32            xy in the resized S x S input frame
            point_labels     (P, K) float32               1 positive, 0 negative, -1 padding
-  outputs  low_res_masks    (P, M, S/4, S/4) float32     logits; M = 3 with multimask, else 1
+  outputs  low_res_masks    (P, M, S/4, S/4) float32     logits; M = 3 with model.multimask_output, else 1
            iou_predictions  (P, M) float32
 P (prompts) and K (points per prompt) are dynamic. As in our `SamModel.decode` without boxes, one
 "not a point" token is appended to every prompt inside the graph, so pass only real points.
@@ -27,14 +29,34 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from mobilesam_se.config import ModelConfig
 
 Tensor = torch.Tensor
+
+
+@dataclass
+class ExportConfig:
+    """Types of conf/export.yaml, which holds the defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: Optional[str] = MISSING
+    weights_dir: Optional[str] = MISSING
+    format: str = MISSING
+    out: Optional[str] = MISSING
+    onnx: Any = MISSING  # opset, dynamo, check
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 # -- a plain forward of the prompt side ---------------------------------------------------------------
@@ -169,35 +191,39 @@ def check_onnx(model: nn.Module, path, multimask_output: bool = True, num_prompt
 
 
 # -- command line -------------------------------------------------------------------------------------
-def run(cfg) -> Path:
-    from mobilesam_se.models.build import build_mobilesam
-    from mobilesam_se.models.checkpoint import export_official, load_model_weights
+def run(cfg, overrides: Optional[Sequence[str]] = None) -> Path:
+    """Export `cfg.checkpoint` as `cfg.format`; `overrides`: what was typed (default: this process's
+    Hydra command line)."""
+    from mobilesam_se.models.build import OFFICIAL_IMAGE_SIZE, build_from_checkpoint
+    from mobilesam_se.models.checkpoint import export_official
+    from mobilesam_se.overrides import command_line_overrides, typed_model_keys
+    from mobilesam_se.weights import resolve
 
     if not cfg.checkpoint:
         raise ValueError("checkpoint=<file> is required (mobile_sam.pt, best.pt or last.ckpt)")
     if not cfg.out:
         raise ValueError("out=<file> is required")
-    from mobilesam_se.weights import resolve
-
     ckpt = Path(resolve(cfg.checkpoint, cfg.get("weights_dir")))  # a file, or a name such as mobile_sam
     fmt = str(cfg.format)
     if fmt not in ("mobile_sam", "onnx"):
         raise ValueError(f"format must be mobile_sam or onnx, got {fmt!r}")
-    model = build_mobilesam(image_size=int(cfg.model.image_size), size=str(cfg.model.size)).eval()
-    load_model_weights(model, ckpt)
+    overrides = command_line_overrides() if overrides is None else list(overrides)
+    model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval()
     out = Path(cfg.out)
     if fmt == "mobile_sam":
-        if cfg.model.size != "full" or int(cfg.model.image_size) != 1024:
-            print("note: the official code builds the full model at 1024 px; this file loads there only if it matches",
-                  file=sys.stderr)
-        export_official(model, out)
-        print(f"wrote {out} (official MobileSAM layout)")
+        if cfg.model.size != "full" or int(cfg.model.image_size) != OFFICIAL_IMAGE_SIZE:
+            print(f"note: the official code builds the full model at {OFFICIAL_IMAGE_SIZE} px; this file "
+                  f"(model.size={cfg.model.size}, {cfg.model.image_size} px) loads there only if it matches; "
+                  "mobilesam_se reads its .model.yaml", file=sys.stderr)
+        export_official(model, out, cfg.model)
+        print(f"wrote {out} (official MobileSAM layout) and its model description")
         return out
+    multimask = bool(cfg.model.multimask_output)
     o = cfg.onnx
-    export_onnx(model, out, multimask_output=bool(o.multimask), opset=int(o.opset), dynamo=bool(o.dynamo))
-    print(f"wrote {out} (prompt encoder + mask decoder, multimask={bool(o.multimask)})")
+    export_onnx(model, out, multimask_output=multimask, opset=int(o.opset), dynamo=bool(o.dynamo))
+    print(f"wrote {out} (prompt encoder + mask decoder, multimask={multimask})")
     if o.check:
-        dm, di = check_onnx(model, out, multimask_output=bool(o.multimask))
+        dm, di = check_onnx(model, out, multimask_output=multimask)
         print(f"onnxruntime vs PyTorch: max |masks| diff {dm:.2e}, max |iou| diff {di:.2e}")
         if dm > 1e-2 or di > 1e-3:  # fp32 reassociation gives ~1e-6; anything near these is a real mismatch
             raise RuntimeError(f"ONNX output differs from PyTorch (masks {dm:.2e}, iou {di:.2e})")

@@ -1,21 +1,48 @@
 """Segment everything in an image or a folder of images.
 
     python -m mobilesam_se.segment checkpoint=<mobile_sam.pt|best.pt|last.ckpt> input=<image|folder> output=<dir> \
-        [generator.points_per_side=32] [model.image_size=1024] [model.size=full] [device=cpu|cuda|auto]
+        [generator.points_per_side=32] [device=cpu|cuda|auto]
 
 For every image writes `<output>/<stem>.json` in SA-1B's per-image format ({"image": {image_id,
 width, height, file_name}, "annotations": [{id, segmentation (COCO RLE, counts as str), area,
 bbox (XYWH), predicted_iou, stability_score, point_coords, crop_box}]}) and `<output>/<stem>.png`,
 the masks overlaid on the image. Relative paths are taken from the current directory (the config
-keeps Hydra from changing it or writing its own files). Config: conf/segment.yaml.
+keeps Hydra from changing it or writing its own files). The model is the one the checkpoint
+describes (`models.build.build_from_checkpoint`). Config: conf/segment.yaml.
 """
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from mobilesam_se.config import ModelConfig
 
 log = logging.getLogger("segment")
+
+
+@dataclass
+class SegmentConfig:
+    """Types of conf/segment.yaml, which holds the defaults."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    checkpoint: Optional[str] = MISSING
+    weights_dir: Optional[str] = MISSING
+    input: Optional[str] = MISSING
+    output: Optional[str] = MISSING
+    device: str = MISSING
+    recursive: bool = MISSING
+    overlay: bool = MISSING
+    progress: bool = MISSING
+    image_batch: int = MISSING
+    generator: Any = MISSING  # EverythingGenerator keywords, plus `tuned`
+
+
+ConfigStore.instance().store(name="segment_schema", node=SegmentConfig)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -46,8 +73,9 @@ def output_stems(files: List[Path], root: Path) -> Dict[Path, str]:
     return out
 
 
-def run(cfg) -> List[Path]:
-    """Segment every input image; returns the JSON files written."""
+def run(cfg, overrides: Optional[Sequence[str]] = None) -> List[Path]:
+    """Segment every input image; returns the JSON files written. `overrides`: what was typed
+    (default: this process's Hydra command line), so typed values win over the checkpoint's files."""
     import torch
     from omegaconf import OmegaConf
     from tqdm import tqdm
@@ -55,8 +83,8 @@ def run(cfg) -> List[Path]:
     from mobilesam_se.data.image_io import load_image_rgb
     from mobilesam_se.inference.amg import EverythingGenerator
     from mobilesam_se.inference.outputs import sa1b_record, write_json, write_overlay
-    from mobilesam_se.models.build import build_mobilesam
-    from mobilesam_se.models.checkpoint import load_model_weights
+    from mobilesam_se.models.build import build_from_checkpoint
+    from mobilesam_se.overrides import command_line_overrides, typed_keys, typed_model_keys
 
     for key in ("checkpoint", "input", "output"):
         if not cfg.get(key):
@@ -65,12 +93,13 @@ def run(cfg) -> List[Path]:
 
     ckpt, src, out_dir = Path(resolve(cfg.checkpoint, cfg.get("weights_dir"))), Path(cfg.input), Path(cfg.output)
     files = find_images(src, bool(cfg.get("recursive", False)))
+    overrides = command_line_overrides() if overrides is None else list(overrides)
     gen_kwargs = OmegaConf.to_container(cfg.generator, resolve=True)
-    from mobilesam_se.inference.thresholds import apply_tuned, explicit_generator_keys
+    from mobilesam_se.inference.thresholds import apply_tuned
 
     # Thresholds tuned for this checkpoint (best.amg.yaml) unless generator.tuned=false; typed values win.
-    gen_kwargs, tuned_file = apply_tuned(gen_kwargs, cfg.checkpoint, bool(gen_kwargs.pop("tuned", True)),
-                                         explicit_generator_keys())
+    gen_kwargs, tuned_file = apply_tuned(gen_kwargs, ckpt, bool(gen_kwargs.pop("tuned", True)),
+                                         typed_keys("generator", overrides))
     if tuned_file is not None:
         log.info("AMG thresholds from %s: %s", tuned_file,
                  {k: gen_kwargs[k] for k in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh")})
@@ -80,9 +109,7 @@ def run(cfg) -> List[Path]:
 
     device = resolve_device(cfg.device)
 
-    model = build_mobilesam(image_size=int(cfg.model.image_size), size=str(cfg.model.size))
-    load_model_weights(model, ckpt)
-    model = model.eval().to(device)
+    model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval().to(device)
     generator = EverythingGenerator(model, **gen_kwargs)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -246,6 +246,7 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     trainer = make_trainer(
         objective=objective, train_set=train_set, val_set=val_set,
         validator=build_validator(cfg, val_set), out_dir=out_dir, logger=logger, dist=dist_info, run_config=cfg,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),
         seed=cfg.seed, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.num_workers,
         freeze=OmegaConf.to_container(cfg.freeze, resolve=True), visual=OmegaConf.to_container(cfg.visual, resolve=True),
     )

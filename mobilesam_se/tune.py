@@ -1,24 +1,27 @@
 """Tune the AMG thresholds for a checkpoint on a val split, and store them beside it.
 
-    python -m mobilesam_se.tune checkpoint=outputs/train/<run>/checkpoints/best.pt model=tiny
+    python -m mobilesam_se.tune checkpoint=outputs/train/<run>/checkpoints/best.pt
     python -m mobilesam_se.tune checkpoint=best.pt dataset=folder dataset.root=... dataset.val_root=/data/val
 
 Searches pred_iou_thresh x stability_score_thresh x box_nms_thresh (conf/tune.yaml `grid`) for the
 best COCO AR@100 of the AMG output (or F1 at IoU 0.5: objective=f1), prints stock against tuned,
 and writes `<checkpoint stem>.amg.yaml` (best.pt -> best.amg.yaml), which `segment` and `evaluate`
-then use; `generator.tuned=false` there gives the stock values.
+then use; `generator.tuned=false` there gives the stock values. The model is the one the checkpoint
+describes (`models.build.build_from_checkpoint`).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from mobilesam_se.config import DatasetConfig, ModelConfig
+from mobilesam_se.errors import UserError, report_user_errors
 from mobilesam_se.setup import register_resolvers
 
 log = logging.getLogger("tune")
@@ -28,7 +31,8 @@ log = logging.getLogger("tune")
 class TuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    checkpoint: Optional[str] = None  # required: mobile_sam.pt, best.pt or last.ckpt
+    checkpoint: Optional[str] = None  # required: mobile_sam.pt, best.pt or last.ckpt, or a name (mobile_sam)
+    weights_dir: Optional[str] = None  # where names are downloaded (mobilesam_se/weights.py)
     split: str = "val"
     device: str = "auto"
     max_images: Optional[int] = None  # default: every image of the split
@@ -44,33 +48,43 @@ class TuneConfig:
 ConfigStore.instance().store(name="tune_schema", node=TuneConfig)
 
 
-def load_for_tuning(cfg: DictConfig):
-    """(model, dataset) of a tune / evaluate style config."""
+def resolve_checkpoint(cfg: DictConfig) -> Path:
+    """The checkpoint file: `checkpoint` itself, or the cached official file of a name (mobile_sam)."""
+    from mobilesam_se.weights import resolve
+
+    return Path(resolve(cfg.checkpoint, cfg.get("weights_dir")))
+
+
+def load_for_tuning(cfg: DictConfig, overrides: Optional[Sequence[str]] = None):
+    """(model, dataset) of a tune / evaluate style config; `overrides`: what was typed (default: this
+    process's Hydra command line)."""
     from hydra.utils import instantiate
 
-    from mobilesam_se.models.checkpoint import load_model_weights
+    from mobilesam_se.models.build import build_from_checkpoint
+    from mobilesam_se.overrides import command_line_overrides, typed_model_keys
     from mobilesam_se.setup import resolve_val_split, seed_everything
 
     if not cfg.checkpoint:
-        raise ValueError("checkpoint=<file> is required (mobile_sam.pt, best.pt or last.ckpt)")
+        raise UserError("checkpoint=<file or name> is required (mobile_sam, mobile_sam.pt, best.pt or last.ckpt)")
     if cfg.split == "val":
         resolve_val_split(cfg)
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
-        raise ValueError(f"dataset {cfg.dataset.name} has no {cfg.split} split")
+        raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split")
     seed_everything(cfg.seed)
-    model = instantiate(OmegaConf.merge(cfg.model.net, {"checkpoint": None}))
-    load_model_weights(model, cfg.checkpoint)
+    overrides = command_line_overrides() if overrides is None else list(overrides)
+    # Before the dataset: it is read at the image size of the model the checkpoint describes.
+    model = build_from_checkpoint(resolve_checkpoint(cfg), cfg, typed_model_keys(overrides))
     dataset = instantiate(ds_cfg, max_masks_per_image=None)  # every object counts
     return model, dataset
 
 
-def run_tune(cfg: DictConfig) -> Dict[str, Any]:
+def run_tune(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     from mobilesam_se.precision import resolve_device
     from mobilesam_se.evaluation.tuning import tune_amg_thresholds
     from mobilesam_se.inference.thresholds import write_tuned
 
-    model, dataset = load_for_tuning(cfg)
+    model, dataset = load_for_tuning(cfg, overrides)
     result = tune_amg_thresholds(
         model, dataset, resolve_device(cfg.device), multimask_output=cfg.model.multimask_output,
         points_per_batch=cfg.model.points_per_batch, grid=OmegaConf.to_container(cfg.grid, resolve=True) or None,
@@ -81,13 +95,14 @@ def run_tune(cfg: DictConfig) -> Dict[str, Any]:
     if cfg.write:
         info = {"objective": cfg.objective, "dataset": cfg.dataset.name, "split": cfg.split,
                 "num_images": result.num_images, "stock": result.stock, "tuned": result.tuned}
-        path = write_tuned(cfg.checkpoint, result.best, info)
+        path = write_tuned(resolve_checkpoint(cfg), result.best, info)
         print(f"wrote {path}", flush=True)
         out["path"] = str(path)
     return out
 
 
 @hydra.main(config_path="../conf", config_name="tune", version_base="1.3")
+@report_user_errors(extra=(FileNotFoundError,))
 def main(cfg: DictConfig) -> Dict[str, Any]:
     return run_tune(cfg)
 

@@ -112,8 +112,8 @@ def world(tmp_path_factory) -> Iterator[Dict[str, str]]:
 
     Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(tmp / "photos" / "p.png")
     torch.manual_seed(0)
-    run_best = tmp / "run_best.pt"  # what the default run (`python run.py`, model=small) writes
-    export_official(build_mobilesam(256, "small"), run_best)
+    run_best = tmp / "run_best.pt"  # what the default run (`python run.py`, model=small) writes, described
+    export_official(build_mobilesam(256, "small"), run_best, compose_cfg([]).model)
     # Official-layout stand-ins of the named checkpoints (tiny ViTs as SAM ViT-H / B), cached by name.
     wdir = tmp / "weights"
     wdir.mkdir()
@@ -195,10 +195,11 @@ def _run_cli(module: str, args: List[str]) -> None:
     mod = __import__(f"mobilesam_se.{module}", fromlist=[fn])
     if module == "evaluate":
         mod.register_evaluate_schema()
+    overrides = args + CLI_SMOKE.get(module, [])
     try:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(name, overrides=args + CLI_SMOKE.get(module, []))
-        getattr(mod, fn)(cfg)
+            cfg = compose(name, overrides=overrides)
+        getattr(mod, fn)(cfg, overrides=overrides)  # typed, as on the command line: they win over the checkpoint's files
     finally:
         GlobalHydra.instance().clear()
 

@@ -40,8 +40,9 @@ def test_onnx_matches_pytorch(tiny_ckpt, tmp_path, multimask):
     pytest.importorskip("onnxruntime")
     root, model = tiny_ckpt
     out = tmp_path / "decoder.onnx"
-    cfg = compose_export([f"checkpoint={root / 'last.ckpt'}", "format=onnx", f"out={out}", "model.size=tiny",
-                          "model.image_size=128", f"onnx.multimask={str(multimask).lower()}"])
+    # a bare file (no description): its size is read from the weights, the image size and mask count typed
+    cfg = compose_export([f"checkpoint={root / 'last.ckpt'}", "format=onnx", f"out={out}",
+                          "model.image_size=128", f"model.multimask_output={str(multimask).lower()}"])
     run(cfg)  # also checks with onnxruntime
     import onnx
 

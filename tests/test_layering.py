@@ -21,7 +21,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("engine",),
     # Entry points: they assemble the parts.
     ("setup", "config", "loggers", "segment", "evaluate", "export", "tune",
-     "distill.cache"),
+     "distill.cache", "overrides"),
 ]
 
 

@@ -15,8 +15,7 @@ NOTEBOOKS = REPO / "notebooks"
 def test_notebook_executes(name, min_figures, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("PYTHONWARNINGS", "ignore")
-    for var in ("MOBILESAM_SE_CHECKPOINT", "MOBILESAM_SE_MODEL_SIZE", "MOBILESAM_SE_IMAGE_SIZE"):
-        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv("MOBILESAM_SE_CHECKPOINT", raising=False)
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     # Which interpreter runs the kernel: jupyter_client maps a kernelspec's "python" to sys.executable.
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))

@@ -51,7 +51,8 @@ def test_tune_beats_stock_and_writes_beside_the_checkpoint(setup):
     ckpt, root = setup
     data = ["dataset=folder", f"dataset.root={root / 'val'}", f"dataset.val_root={root / 'val'}", "dataset.grid_points=6",
             "model=mobilesam", "model.image_size=256"]
-    out = run_tune(_compose("tune", [f"checkpoint={ckpt}", "progress=false", "device=cpu", *data]))
+    args = [f"checkpoint={ckpt}", "progress=false", "device=cpu", *data]
+    out = run_tune(_compose("tune", args), overrides=args)  # typed: a bare full-size file runs at 256, not 1024
     assert out["tuned"]["AR_100"] > out["stock"]["AR_100"] + 0.2
     assert out["tuned"]["AR_100"] >= 0.8  # the loose masks are recovered
     assert out["thresholds"]["pred_iou_thresh"] < TUNED_KEYS["pred_iou_thresh"]
@@ -60,8 +61,10 @@ def test_tune_beats_stock_and_writes_beside_the_checkpoint(setup):
     from mobilesam_se.evaluate import run_evaluation
 
     common = [f"checkpoint={ckpt}", "progress=false", "device=cpu", *data]
-    tuned = run_evaluation(_compose("evaluate", common + [f"output={root / 'ev_tuned'}"]))
-    stock = run_evaluation(_compose("evaluate", common + [f"output={root / 'ev_stock'}", "generator.tuned=false"]))
+    tuned_args = common + [f"output={root / 'ev_tuned'}"]
+    stock_args = common + [f"output={root / 'ev_stock'}", "generator.tuned=false"]
+    tuned = run_evaluation(_compose("evaluate", tuned_args), overrides=tuned_args)
+    stock = run_evaluation(_compose("evaluate", stock_args), overrides=stock_args)
     assert tuned["info"]["amg_thresholds"] == "tuned (best.amg.yaml)" and stock["info"]["amg_thresholds"] == "stock"
     assert tuned["coco_amg"]["AR_100"] == pytest.approx(out["tuned"]["AR_100"], abs=1e-6)
     assert stock["coco_amg"]["AR_100"] == pytest.approx(out["stock"]["AR_100"], abs=1e-6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -13,9 +13,13 @@ from mobilesam_se.models.checkpoint import atomic_save, export_official
 
 
 class RunCheckpoints:
-    def __init__(self, folder: Path, is_main: bool = True) -> None:
+    """`model_config`: the `model` group that built the model; best.pt gets its description beside
+    it (best.model.yaml), so every CLI rebuilds the model with no model flags."""
+
+    def __init__(self, folder: Path, is_main: bool = True, model_config: Optional[Mapping[str, Any]] = None) -> None:
         self.folder = Path(folder)
         self.is_main = is_main
+        self.model_config = model_config
 
     @property
     def last_path(self) -> Path:
@@ -41,7 +45,7 @@ class RunCheckpoints:
 
     def save_best(self, model: nn.Module) -> None:
         if self.is_main:
-            export_official(model, self.best_path)
+            export_official(model, self.best_path, self.model_config)
 
     def append_log(self, record: Dict[str, Any]) -> None:
         """One line per epoch, appended and synced: a crash never loses an epoch already logged."""

@@ -1,7 +1,8 @@
 """Training state in `last.ckpt`: everything needed to continue a run exactly where it stopped.
 
 Stored with plain tensors, numbers and strings only, so `torch.load(weights_only=True)` reads it and
-`segment` / `export` can take a `last.ckpt` directly (its "model" entry is the official layout).
+the CLIs can take a `last.ckpt` directly (its "model" entry is the official layout, and its
+"config" entry says which model that is: `models.checkpoint.read_description`).
 """
 from __future__ import annotations
 

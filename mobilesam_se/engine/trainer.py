@@ -72,6 +72,7 @@ class Trainer:
         logger: Optional[Any] = None,
         dist: Optional[DistInfo] = None,
         run_config: Optional[Any] = None,
+        model_config: Optional[Mapping[str, Any]] = None,
         seed: int = 0,
         batch_size: int = 1,
         num_workers: int = 0,
@@ -104,7 +105,8 @@ class Trainer:
     ) -> None:
         """`objective`: `objective.SegmentEverythingObjective` (its `.model` is the student);
         `validator`: `evaluation.validation.Validator` of `val_set`; `run_config`: the composed
-        config, recorded (config_resolved.yaml, W&B, last.ckpt), never read; `freeze`: the freeze
+        config, recorded (config_resolved.yaml, W&B, last.ckpt), never read; `model_config`: the
+        `model` group, written beside best.pt as its description; `freeze`: the freeze
         group (parts, unfreeze_epoch, batchnorm_stats); `visual`: num_images, save_every_n_epochs."""
         self.dist = dist or DistInfo()
         self.device = resolve_device(device, "trainer.device")
@@ -117,7 +119,7 @@ class Trainer:
         self.distiller = getattr(objective, "distiller", None)
         self.train_set, self.val_set, self.validator = train_set, val_set, validator
         self.out_dir = Path(out_dir)
-        self.files = RunCheckpoints(self.out_dir / "checkpoints", is_main=self.dist.is_main)
+        self.files = RunCheckpoints(self.out_dir / "checkpoints", is_main=self.dist.is_main, model_config=model_config)
         self.logger = logger if self.dist.is_main else None
         self.run_config = run_config
         self.seed = seed

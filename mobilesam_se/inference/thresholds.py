@@ -7,11 +7,12 @@ stock values. A threshold typed on the command line always wins over the tuned o
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 import yaml
+
+from mobilesam_se.models.checkpoint import atomic_write_text
 
 # The keys a tuning searches, with the stock SamAutomaticMaskGenerator values.
 TUNED_KEYS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
@@ -31,16 +32,8 @@ def write_tuned(checkpoint: str | os.PathLike, thresholds: Dict[str, float], inf
         raise ValueError(f"not tunable AMG keys: {sorted(unknown)}")
     path = tuned_path(checkpoint)
     body = {"generator": {k: float(v) for k, v in thresholds.items()}, "info": info}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("# AMG thresholds tuned for " + Path(checkpoint).name + " (python -m mobilesam_se.tune)\n")
-            yaml.safe_dump(body, f, sort_keys=False)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users of a shared run directory
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    header = "# AMG thresholds tuned for " + Path(checkpoint).name + " (python -m mobilesam_se.tune)\n"
+    atomic_write_text(path, header + yaml.safe_dump(body, sort_keys=False))
     return path
 
 
@@ -75,20 +68,3 @@ def apply_tuned(
             out[key] = value
     return out, tuned_path(checkpoint)
 
-
-def explicit_generator_keys() -> set:
-    """The generator.* keys typed on this process's Hydra command line (empty outside Hydra)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return set()
-        overrides = HydraConfig.get().overrides.task
-    except Exception:  # no Hydra context: nothing was typed
-        return set()
-    keys = set()
-    for item in overrides:
-        key = str(item).split("=", 1)[0].lstrip("+~")
-        if key.startswith("generator."):
-            keys.add(key.split(".", 1)[1])
-    return keys

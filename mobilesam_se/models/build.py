@@ -1,13 +1,21 @@
-"""Builders: MobileSAM (full size or a tiny test size) with any `image_size`."""
+"""Builders: MobileSAM (full size or a tiny test size) with any `image_size`, and the model of a checkpoint."""
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import logging
+import os
+from typing import Any, Collection, Dict, Optional, Union
+
+import torch
+from omegaconf import DictConfig
 
 from mobilesam_se.models.image_encoder import MOBILESAM_TINYVIT, SMALL_TINYVIT, TINY_TINYVIT, TinyVitImageEncoder
 from mobilesam_se.models.mask_decoder import MaskDecoder
 from mobilesam_se.models.prompt_encoder import PromptEncoder
 from mobilesam_se.models.sam import SamModel
 from mobilesam_se.models.transformer import TwoWayTransformer
+
+log = logging.getLogger(__name__)
 
 # Decoder sizes: SAM's, and a tiny one for tests / CPU smoke runs.
 DECODER_SIZES = {
@@ -61,4 +69,119 @@ def build_mobilesam(
         from mobilesam_se.models.checkpoint import load_model_weights
 
         load_model_weights(model, checkpoint)
+    return model
+
+
+# -- the model of a checkpoint ------------------------------------------------------------------------
+# The `model=` option (conf/model/<name>.yaml) of each size, for files that do not say which they are.
+SIZE_OPTIONS = {"full": "mobilesam", "small": "small", "tiny": "tiny"}
+OFFICIAL_IMAGE_SIZE = 1024  # what mobile_sam.pt was trained and is run at
+
+
+@functools.lru_cache(maxsize=None)
+def _official_shapes_of(size: str) -> Dict[str, tuple]:
+    from mobilesam_se.models.checkpoint import official_shapes
+
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = build_mobilesam(OFFICIAL_IMAGE_SIZE, size=size)  # the weights' shapes do not depend on image_size
+    return {k: tuple(v) for k, v in official_shapes(model).items()}
+
+
+def infer_size(state: Dict[str, torch.Tensor], source: str) -> str:
+    """The MobileSAM size (`model.size`) whose official-layout weights have exactly these keys and shapes."""
+    from mobilesam_se.models.checkpoint import CheckpointError
+
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    differing = {}
+    for size in SIZE_OPTIONS:
+        expected = _official_shapes_of(size)
+        if shapes == expected:
+            return size
+        differing[size] = len(set(shapes.items()) ^ set(expected.items()))
+    counts = ", ".join(f"{size}: {n} keys or shapes differ" for size, n in differing.items())
+    raise CheckpointError(f"checkpoint {source} is no MobileSAM of a known size ({counts}); the CLIs take "
+                          "mobile_sam.pt and the best.pt / last.ckpt / exports of this project")
+
+
+def _bare_file_description(model_cfg: DictConfig, state: Dict[str, torch.Tensor], typed: Collection[str],
+                           source: str) -> Dict[str, Any]:
+    """What a file without a description is: the size its weights' shapes say, at 1024 px when that is
+    the official architecture (mobile_sam.pt), else at the configured model.image_size."""
+    size = infer_size(state, source)
+    if "image_size" in typed or size != "full":
+        image_size = int(model_cfg.image_size)
+    else:
+        image_size = OFFICIAL_IMAGE_SIZE
+    target = f"{build_mobilesam.__module__}.{build_mobilesam.__qualname__}"
+    return {"name": SIZE_OPTIONS[size], "size": size, "image_size": image_size,
+            "multimask_output": bool(model_cfg.multimask_output),
+            "net": {"_target_": target, "image_size": image_size, "size": size, "checkpoint": None,
+                    "drop_path_rate": 0.0}}
+
+
+def _settle_model_config(model_cfg: DictConfig, description: Dict[str, Any], typed: Collection[str],
+                         checkpoint: str, source: str) -> None:
+    """Set `model_cfg` to the described model. The architecture is the checkpoint's: a typed one that
+    differs is an error. image_size / multimask_output are how to run it: a typed value wins, with a
+    warning when it differs from the description."""
+    from mobilesam_se.errors import ConfigError
+
+    if typed_arch := {"name", "size"} & set(typed):
+        if str(model_cfg.size) != str(description["size"]):
+            flags = "model=" + str(model_cfg.name) if "name" in typed_arch else "model.size=" + str(model_cfg.size)
+            raise ConfigError(f"{flags} does not fit checkpoint {checkpoint}: it is a model.size={description['size']} "
+                              f"model ({source}); drop the flag, the checkpoint decides its architecture")
+    for key in ("image_size", "multimask_output"):
+        if key not in typed:
+            model_cfg[key] = description[key]
+        elif model_cfg[key] != description[key]:
+            log.warning("model.%s=%s (typed) overrides %s recorded for %s (%s)", key, model_cfg[key],
+                        description[key], checkpoint, source)
+    model_cfg.name, model_cfg.size = description["name"], description["size"]
+    net = dict(description["net"])
+    if "image_size" in net:
+        net["image_size"] = int(model_cfg.image_size)
+    model_cfg.net = net
+
+
+def build_from_checkpoint(checkpoint: Optional[Union[str, os.PathLike]], cfg: DictConfig,
+                          typed: Collection[str] = ()) -> SamModel:
+    """The model of a checkpoint, as the CLIs (segment, evaluate, export, tune) get it: built as the
+    checkpoint describes it, its weights loaded strictly, and `cfg.model` set in place to what was
+    built, so that what reads it afterwards (the dataset's image_size, multimask_output, the report)
+    agrees.
+
+    `cfg`: a composed config with a `model` group (a CLI's); `typed`: the
+    `model` keys typed on the command line (`overrides.typed_model_keys`). Where the values come from:
+      - described files (best.pt + best.model.yaml, last.ckpt, our exports): their description;
+      - bare files (mobile_sam.pt): the size their weights' shapes say, 1024 px for the official one;
+      - a typed model.image_size / model.multimask_output wins (a warning when it differs from the
+        description); a typed model= / model.size= that differs is an error (`_settle_model_config`);
+      - every other key (points_per_batch, ...): the config.
+    Without a checkpoint (evaluate allow_random=true): the configured model, randomly initialised.
+    """
+    from hydra.utils import instantiate
+
+    from mobilesam_se.models.checkpoint import (
+        load_official_state_dict,
+        model_state_from_file,
+        read_checkpoint,
+        read_description,
+    )
+
+    if not checkpoint:
+        return instantiate(cfg.model.net, checkpoint=None)
+    obj = read_checkpoint(checkpoint)
+    state = model_state_from_file(obj)
+    found = read_description(checkpoint, obj)
+    if found is None:
+        description = _bare_file_description(cfg.model, state, typed, str(checkpoint))
+        source = "inferred from its weights"
+    else:
+        description, source = found
+    _settle_model_config(cfg.model, description, typed, str(checkpoint), source)
+    model = instantiate(cfg.model.net)
+    load_official_state_dict(model, state, f"{checkpoint} ({source})")
+    log.info("model: %s (model.size=%s) at %d px, multimask_output=%s, from %s (%s)", cfg.model.name, cfg.model.size,
+             cfg.model.image_size, cfg.model.multimask_output, checkpoint, source)
     return model
