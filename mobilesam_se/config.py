@@ -15,24 +15,16 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelConfig:
-    name: str = "mobilesam"
-    size: str = "full"  # full: MobileSAM's TinyViT-5M + SAM decoder; tiny: a small test model
-    image_size: int = 1024
-    checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt
-    multimask_output: bool = True  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)
-    points_per_batch: int = 64  # prompts decoded per chunk
-    activation_checkpointing: bool = False  # recompute each prompt chunk in backward (the model's grad_checkpointing flag)
-    drop_path_rate: float = 0.0
-    net: Any = field(
-        default_factory=lambda: {
-            "_target_": "mobilesam_se.models.build.build_mobilesam",
-            "image_size": "${model.image_size}",
-            "size": "${model.size}",
-            "checkpoint": "${model.checkpoint}",
-            "drop_path_rate": "${model.drop_path_rate}",
-            "grad_checkpointing": "${model.activation_checkpointing}",
-        }
-    )
+    # Defaults in conf/model/*.yaml (mobilesam.yaml holds the `net` that builds the model).
+    name: str = MISSING
+    size: str = MISSING  # full: MobileSAM's TinyViT-5M + SAM decoder; small; tiny: a small test model
+    image_size: int = MISSING
+    checkpoint: Optional[str] = MISSING  # mobile_sam.pt, our best.pt or last.ckpt
+    multimask_output: bool = MISSING  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)
+    points_per_batch: int = MISSING  # prompts decoded per chunk
+    activation_checkpointing: bool = MISSING  # recompute each prompt chunk in backward (the model's grad_checkpointing flag)
+    drop_path_rate: float = MISSING
+    net: Any = MISSING  # {_target_: ..., **arguments}
 
 
 @dataclass

@@ -103,7 +103,7 @@ def test_logger_none_disables_wandb():
 
 
 # The YAML is the one source of defaults: a key a group's YAML sets has no second default in the schema.
-SCHEMA_GROUPS = {"trainer": "TrainerConfig", "loss": "LossConfig", "visual": "VisualConfig", "freeze": "FreezeConfig",
+SCHEMA_GROUPS = {"model": "ModelConfig", "trainer": "TrainerConfig", "loss": "LossConfig", "visual": "VisualConfig", "freeze": "FreezeConfig",
                  "matching": "MatchingConfig", "logger": "LoggerConfig"}
 
 
