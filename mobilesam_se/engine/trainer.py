@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.everything import everything_step
-from mobilesam_se.engine.freeze import freeze_batchnorm_stats, freeze_parts, unfreeze_parts
+from mobilesam_se.engine.freeze import estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
 from mobilesam_se.engine.optim import build_optimizer, build_scheduler
 from mobilesam_se.engine.preemption import SignalCatcher, code_of, signal_of
 from mobilesam_se.engine.sampler import EpochSampler
@@ -323,11 +323,17 @@ class Trainer:
 
     def _train_epoch(self) -> Dict[str, float]:
         self.model.train()
-        if self.cfg.freeze.batchnorm_stats:
-            freeze_batchnorm_stats(self.model)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.cfg.dataset.batch_size)
         if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
             self.train_set.set_epoch(self.epoch)
+        bn_epoch = self.cfg.freeze.get("batchnorm_stats_epoch")
+        if bn_epoch is not None and self.epoch == bn_epoch and self.batch_in_epoch == 0:
+            # Population statistics on this epoch's first images, fixed from here on (a resume
+            # after this epoch finds them in the checkpoint's buffers).
+            n = min(len(self.train_set), int(self.cfg.freeze.get("batchnorm_stats_images", 64)))
+            estimate_batchnorm_stats(self.model, [self.train_set[i].image for i in range(n)])
+        if self.cfg.freeze.batchnorm_stats or (bn_epoch is not None and self.epoch >= bn_epoch):
+            freeze_batchnorm_stats(self.model)
         # On the device (no host sync per step); a run resumed mid-epoch continues the sums it saved.
         sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in self._resumed_sums.items()}
         count = self._resumed_count
