@@ -105,7 +105,7 @@ class FreezeConfig:
     mask_decoder: bool = False
     unfreeze_epoch: int = 0  # > 0: frozen parts join the optimizer at this epoch; 0: never
     batchnorm_stats: bool = False  # keep BatchNorm running statistics fixed
-    batchnorm_stats_epoch: Optional[int] = None  # N: at epoch N estimate BatchNorm statistics on batchnorm_stats_images training images, then keep them fixed
+    batchnorm_stats_epoch: Optional[int] = 0  # N: at epoch N estimate BatchNorm statistics on batchnorm_stats_images training images, then keep them fixed; null: train-mode BatchNorm
     batchnorm_stats_images: int = 64
 
 

@@ -54,3 +54,20 @@ def test_training_keeps_the_estimated_statistics(tmp_path):
     load_model_weights(model, tmp_path / "checkpoints" / "best.pt")
     ours = trainer.model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items() if "running_" in k)
+
+
+def test_from_a_checkpoint_the_loaded_statistics_are_kept(tmp_path):
+    def fit(overrides, out):
+        cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1"] + overrides)
+        trainer, cleanup = build_run(cfg, out_dir=Path(out))
+        try:
+            trainer.fit()
+        finally:
+            cleanup()
+        return trainer
+
+    first = fit([], tmp_path / "a")
+    stats = {k: v.clone() for k, v in first.model.state_dict().items() if "running_" in k}
+    tuned = fit([f"model.checkpoint={tmp_path / 'a' / 'checkpoints' / 'best.pt'}"], tmp_path / "b")
+    after = tuned.model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in stats.items())  # neither re-estimated nor updated

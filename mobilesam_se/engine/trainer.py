@@ -327,9 +327,10 @@ class Trainer:
         if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
             self.train_set.set_epoch(self.epoch)
         bn_epoch = self.cfg.freeze.get("batchnorm_stats_epoch")
-        if bn_epoch is not None and self.epoch == bn_epoch and self.batch_in_epoch == 0:
+        if bn_epoch is not None and self.epoch == bn_epoch and self.batch_in_epoch == 0 and not self.cfg.model.get("checkpoint"):
             # Population statistics on this epoch's first images, fixed from here on (a resume
-            # after this epoch finds them in the checkpoint's buffers).
+            # after this epoch finds them in the checkpoint's buffers). From a checkpoint the
+            # loaded statistics, those its weights were trained with, are kept fixed instead.
             n = min(len(self.train_set), int(self.cfg.freeze.get("batchnorm_stats_images", 64)))
             estimate_batchnorm_stats(self.model, [self.train_set[i].image for i in range(n)])
         if self.cfg.freeze.batchnorm_stats or (bn_epoch is not None and self.epoch >= bn_epoch):
