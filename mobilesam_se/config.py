@@ -98,6 +98,8 @@ class FreezeConfig:
     mask_decoder: bool = MISSING
     unfreeze_epoch: int = MISSING  # > 0: frozen parts join the optimizer at this epoch; 0: never
     batchnorm_stats: bool = MISSING  # keep BatchNorm running statistics fixed
+    batchnorm_stats_epoch: Optional[int] = MISSING  # N: at epoch N estimate BatchNorm statistics on batchnorm_stats_images training images, then keep them fixed; null: train-mode BatchNorm
+    batchnorm_stats_images: int = MISSING
 
 
 @dataclass

@@ -248,7 +248,8 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
         validator=build_validator(cfg, val_set), out_dir=out_dir, logger=logger, dist=dist_info, run_config=cfg,
         model_config=OmegaConf.to_container(cfg.model, resolve=True),
         seed=cfg.seed, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.num_workers,
-        freeze=OmegaConf.to_container(cfg.freeze, resolve=True), visual=OmegaConf.to_container(cfg.visual, resolve=True),
+        freeze={**OmegaConf.to_container(cfg.freeze, resolve=True), "estimate_batchnorm_stats": not cfg.model.get("checkpoint")},
+        visual=OmegaConf.to_container(cfg.visual, resolve=True),
     )
 
     def _cleanup() -> None:

@@ -90,6 +90,18 @@ def test_only_the_best_max_dets_are_kept():
         ev.add_detections("d", iid, np.zeros((1, 10, 10), bool), [1.0])  # wrong size
 
 
+def test_hundreds_of_detections_per_image():
+    """A 16x16 grid x 3 masks gives 768 candidates: pycocotools' `area` fails from 256 RLEs under
+    NumPy 2 (OverflowError), so areas are asked in pieces; the duplicates change no AR."""
+    dets = np.tile(GT, (100, 1, 1))  # 300 detections: 100 copies of each object, interleaved
+    m = coco_with([(dets, np.linspace(0.9, 0.1, 300))])
+    assert m["AR_100"] == pytest.approx(1.0) and m["num_dets"] == 100
+    ev = CocoMaskEval(max_dets=(1000,))
+    iid = ev.add_image(HW, dets)  # as many ground-truth masks
+    assert ev.add_detections("d", iid, dets, np.ones(300)) == 300
+    assert [d["area"] for d in ev.gt] == [float(m.sum()) for m in dets]
+
+
 # -- calibration --------------------------------------------------------------------------------
 def test_ece_constructed_cases():
     rng = np.random.default_rng(0)

@@ -31,6 +31,19 @@ def _quiet_pycocotools():
         yield
 
 
+# pycocotools' `area` sizes its output with np.array((n,), dtype=np.uint8), which NumPy 2 refuses
+# for n >= 256 RLEs (OverflowError); asked in pieces below that, it returns the same areas.
+AREA_CHUNK = 255
+
+
+def rle_areas(rles: Sequence[dict]) -> np.ndarray:
+    """(N,) int64 pixel counts of COCO RLEs; any N (pycocotools' `area` alone fails from 256)."""
+    if len(rles) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.asarray(mask_utils.area(list(rles[s : s + AREA_CHUNK])), dtype=np.int64)
+                           for s in range(0, len(rles), AREA_CHUNK)])
+
+
 def to_rle(segmentation: Any, hw: Tuple[int, int]) -> dict:
     """One COCO segmentation -> one compressed RLE; ValueError says what is wrong with it."""
     h, w = hw
@@ -91,7 +104,7 @@ def _decode_segmentations(
     if problems or not rles:
         return np.zeros((0, *hw), dtype=bool), problems, None
     try:
-        areas = np.asarray(mask_utils.area(rles), dtype=np.int64)
+        areas = rle_areas(rles)
         nonempty = np.flatnonzero(areas > 0)
         if len(nonempty) < len(rles):
             logger.debug("%s: dropped %d empty annotation(s)", where, len(rles) - len(nonempty))

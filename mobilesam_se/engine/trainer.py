@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
-from mobilesam_se.engine.freeze import PARTS, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
+from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
 from mobilesam_se.engine.optim import build_optimizer, build_scheduler
 from mobilesam_se.engine.pictures import save_validation_pictures
 from mobilesam_se.engine.preemption import SignalCatcher, code_of, signal_of
@@ -107,7 +107,9 @@ class Trainer:
         `validator`: `evaluation.validation.Validator` of `val_set`; `run_config`: the composed
         config, recorded (config_resolved.yaml, W&B, last.ckpt), never read; `model_config`: the
         `model` group, written beside best.pt as its description; `freeze`: the freeze
-        group (parts, unfreeze_epoch, batchnorm_stats); `visual`: num_images, save_every_n_epochs."""
+        group (parts, unfreeze_epoch, batchnorm_stats, batchnorm_stats_epoch / _images, and
+        estimate_batchnorm_stats: false when the model starts from a checkpoint, whose statistics
+        are kept); `visual`: num_images, save_every_n_epochs."""
         self.dist = dist or DistInfo()
         self.device = resolve_device(device, "trainer.device")
         if self.device.type == "cuda" and self.dist.enabled:
@@ -137,6 +139,10 @@ class Trainer:
         visual = dict(visual or {})
         self.unfreeze_epoch = int(freeze.get("unfreeze_epoch", 0))
         self.freeze_bn_stats = bool(freeze.get("batchnorm_stats", False))
+        self.bn_stats_epoch = freeze.get("batchnorm_stats_epoch")
+        self.bn_stats_images = int(freeze.get("batchnorm_stats_images", 64))
+        # Estimated only for a model that starts from its init (setup: not from model.checkpoint).
+        self.estimate_bn_stats = bool(freeze.get("estimate_batchnorm_stats", True))
         self.visual_images = int(visual.get("num_images", 0))
         self.visual_every = int(visual.get("save_every_n_epochs", 0))
 
@@ -303,11 +309,18 @@ class Trainer:
 
     def _train_epoch(self) -> Dict[str, float]:
         self.objective.train()
-        if self.freeze_bn_stats:
-            freeze_batchnorm_stats(self.model)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
         if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
             self.train_set.set_epoch(self.epoch)
+        bn_epoch = self.bn_stats_epoch
+        if bn_epoch is not None and self.epoch == bn_epoch and self.batch_in_epoch == 0 and self.estimate_bn_stats:
+            # Population statistics on this epoch's first images, fixed from here on (a resume
+            # after this epoch finds them in the checkpoint's buffers). From a checkpoint the
+            # loaded statistics, those its weights were trained with, are kept fixed instead.
+            n = min(len(self.train_set), self.bn_stats_images)
+            estimate_batchnorm_stats(self.model, [self.train_set[i].image for i in range(n)])
+        if self.freeze_bn_stats or (bn_epoch is not None and self.epoch >= bn_epoch):
+            freeze_batchnorm_stats(self.model)
         # On the device (no host sync per step); a run resumed mid-epoch continues the sums it saved.
         sums: Dict[str, torch.Tensor] = {k: torch.tensor(v, device=self.device) for k, v in self._resumed_sums.items()}
         count = self._resumed_count

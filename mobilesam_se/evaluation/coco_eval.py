@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from mobilesam_se.data.rle import _quiet_pycocotools
+from mobilesam_se.data.rle import _quiet_pycocotools, rle_areas
 
 NAN = float("nan")
 CATEGORY_ID = 1
@@ -73,7 +73,7 @@ def _annotations(rles: List[dict], first_id: int, image_id: int, scores: Optiona
     if not rles:
         return []
     with _quiet_pycocotools():
-        areas = mask_utils.area(rles).tolist()
+        areas = rle_areas(rles).tolist()
         boxes = mask_utils.toBbox(rles).tolist()
     anns = []
     for k, (rle, area, box) in enumerate(zip(rles, areas, boxes)):
