@@ -29,6 +29,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from mobilesam_se.evaluation.validation import full_res_candidates
+from mobilesam_se.precision import autocast
 from mobilesam_se.prompted.clicks import corrective_click, interior_point
 from mobilesam_se.transforms import apply_boxes, apply_coords
 
@@ -70,7 +71,7 @@ class _Image:
             return (t[:, None] if mask_input is not None else t[None]).to(dev)
 
         amp = self.autocast_dtype
-        with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with autocast(dev, amp):
             out = self.model.decode(emb, lead(coords), lead(labels), lead(boxes), mask_input=mask_input,
                                     multimask_output=self.multimask_output, points_per_batch=self.points_per_batch)
         masks, iou = out.masks.float(), out.iou_pred.float()
@@ -227,7 +228,7 @@ def evaluate_promptable(
         take = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - n_seen)
         if take <= 0:
             break
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             embeddings = model.encode(batch["image"][:take].to(device))  # once per image, for all its prompts
         for b in range(take):
             gt = batch["masks"][b].to(device).bool()

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from mobilesam_se.evaluation.calibration import best_match_iou
 from mobilesam_se.evaluation.metrics import aggregate, evaluate_image, summarize_views
 from mobilesam_se.matching import hungarian_match, mask_iou_matrix
+from mobilesam_se.precision import autocast
 from mobilesam_se.transforms import postprocess_masks
 
 
@@ -66,7 +67,7 @@ def amg_keep(
 def predict_candidates(model: nn.Module, batch: Dict[str, Any], device: torch.device, multimask_output: bool,
                        points_per_batch: int, autocast_dtype: Optional[torch.dtype] = None):
     pixels = batch["image"].to(device)
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with autocast(device, autocast_dtype):
         out = model(pixels, batch["points"].to(device), multimask_output=multimask_output, points_per_batch=points_per_batch)
     return out["masks"].float(), out["iou_pred"].float()
 

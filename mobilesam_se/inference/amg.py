@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_area
 
 from mobilesam_se.inference import rle as rle_utils
+from mobilesam_se.precision import autocast
 from mobilesam_se.prompts import build_point_grid
 from mobilesam_se.transforms import apply_coords, preprocess_shape
 
@@ -304,7 +305,7 @@ class EverythingGenerator:
 
     def _autocast(self) -> Any:
         dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+        return autocast(self.device, dtype)
 
     # -- public ----------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
+from mobilesam_se.precision import autocast
 from mobilesam_se.prompted.loss import PromptedLossWeights, best_candidate_loss
 from mobilesam_se.prompted.sampling import ObjectPrompts, PromptSampling, sample_prompts
 
@@ -46,7 +47,7 @@ class PromptedLoss:
         if embeddings is not None:
             return embeddings
         pixels = batch["image"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        with autocast(device, autocast_dtype):
             return model.encode(pixels)
 
     def _decode(self, model: nn.Module, embedding: Tensor, prompts: ObjectPrompts, rows: Tensor,
@@ -87,8 +88,7 @@ class PromptedLoss:
                 rows = torch.nonzero(prompts.use_box == by_box).flatten()
                 if len(rows) == 0:
                     continue
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                    enabled=autocast_dtype is not None):
+                with autocast(device, autocast_dtype):
                     m, s = self._decode(model, embeddings[b : b + 1], prompts, rows, by_box, device)
                 logits.append(m)
                 iou_pred.append(s)
