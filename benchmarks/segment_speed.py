@@ -1,7 +1,8 @@
 """Segment-everything speed: our EverythingGenerator vs the official SamAutomaticMaskGenerator.
 
     python -m benchmarks.segment_speed [--image coffee|PATH] [--points-per-side 16] [--crop-n-layers 0]
-        [--reps 2] [--threads 2] [--device cpu|cuda] [--hierarchical] [--out experiments/benchmarks/segment_cpu.json]
+        [--reps 2] [--threads 2] [--device cpu|cuda] [--modes exact,bf16,hierarchical,hierarchical_bf16]
+        [--ar-checkpoint best.pt] [--out experiments/benchmarks/segment_cpu.json]
 
 Both generators run in one process on the same image with the same weights and parameters,
 interleaved (reference, ours, reference, ours, ...) so that load from other processes hits both
@@ -10,8 +11,13 @@ alike; the figure is images/s from the median time of each. The weights are
 nested blobs): random weights give near-identical masks that the filters drop early, which would
 flatter neither side realistically. Time is split into image encoder, mask decoder and the rest
 (upsampling, filters, NMS, RLE) for each generator. The outputs are compared too (mask count, paired
-mask IoU). With --hierarchical, our hierarchical mode is timed as well and its recall of the full
-grid's masks (share of full-grid masks with an IoU >= 0.9 / 0.5 match) is reported.
+mask IoU). `--modes` adds our opt-in fast modes to the same interleaved run (bf16 autocast, the
+hierarchical grid, both): each gets its speed against the reference and against the exact mode, and
+its cost against the exact mode's masks on the same image (mask count, paired IoU: for each exact
+mask the best IoU among the mode's masks, min / median, and the share >= 0.9). `--ar-checkpoint`
+also scores every mode's AMG output on the synthetic val split with that trained checkpoint (COCO
+AR@100, class-agnostic, the checkpoint's tuned thresholds when it has them), in the same process.
+`--hierarchical` is `--modes exact,hierarchical`.
 """
 from __future__ import annotations
 
@@ -90,6 +96,71 @@ def recall(full: List[dict], other: List[dict], thr: float) -> float:
     return float((ious.max(1) >= thr).mean())
 
 
+MODES = {  # name -> EverythingGenerator options on top of the shared parameters
+    "exact": {},
+    "bf16": {"precision": "bf16"},
+    "hierarchical": {"hierarchical": True},
+    "hierarchical_bf16": {"hierarchical": True, "precision": "bf16"},
+}
+RUN_NAME = {"exact": "ours", "bf16": "ours_bf16", "hierarchical": "ours_hierarchical",
+            "hierarchical_bf16": "ours_hierarchical_bf16"}
+
+
+def paired_iou(exact: List[dict], other: List[dict]) -> Dict[str, object]:
+    """Each exact-mode mask's best IoU among `other`'s masks: min / median / share >= 0.9 and 0.5."""
+    from mobilesam_se.inference import rle as rle_utils
+
+    if not exact:
+        return {"min": None, "median": None, "share_0.9": None, "share_0.5": None}
+    if not other:
+        return {"min": 0.0, "median": 0.0, "share_0.9": 0.0, "share_0.5": 0.0}
+    best = rle_utils.iou_matrix([r["segmentation"] for r in exact], [r["segmentation"] for r in other]).max(1)
+    return {"min": float(best.min()), "median": float(np.median(best)), "share_0.9": float((best >= 0.9).mean()),
+            "share_0.5": float((best >= 0.5).mean())}
+
+
+def ar_by_mode(checkpoint: str, modes: List[str], points_per_side: int, max_images=None) -> Dict[str, object]:
+    """COCO AR@100 (class-agnostic) of each mode's AMG output on the synthetic val split, with a trained
+    checkpoint (its tuned thresholds when <stem>.amg.yaml is beside it). One ground truth, one set
+    of detections per mode, scored by predicted IoU as in the evaluation CLI."""
+    from hydra import compose, initialize_config_dir
+
+    from mobilesam_se.evaluation.coco_eval import CocoMaskEval
+    from mobilesam_se.inference import EverythingGenerator
+    from mobilesam_se.inference.thresholds import read_tuned
+    from mobilesam_se.tune import load_for_tuning
+
+    overrides = [f"checkpoint={checkpoint}", "dataset=synthetic", "split=val", "device=cpu"]
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("tune", overrides=overrides)
+    model, dataset = load_for_tuning(cfg, overrides)
+    model = model.eval()
+    tuned = read_tuned(checkpoint) or {}
+    params = {"points_per_side": points_per_side, **{k: v for k, v in tuned.items() if v is not None}}
+    gens = {m: EverythingGenerator(model, **params, **MODES[m]) for m in modes}
+    ev = CocoMaskEval(max_dets=(100,))
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    seconds = {m: 0.0 for m in modes}
+    for i in range(n):
+        sample = dataset[i]
+        image, gt = sample.image_uint8, sample.masks
+        image_id = ev.add_image(image.shape[:2], gt)
+        for m, g in gens.items():
+            t0 = time.perf_counter()
+            recs = g.generate(image)
+            seconds[m] += time.perf_counter() - t0
+            ev.add_detections(m, image_id, [r["segmentation"] for r in recs], [r["predicted_iou"] for r in recs])
+    out = {"checkpoint": checkpoint, "images": n, "image_size": int(model.image_size), "params": params,
+           "split": "synthetic val"}
+    for m in modes:
+        summ = ev.summarize(m)
+        out[m] = {"AR_100": summ["AR_100"], "AP": summ["AP"], "dets_per_image": summ["num_dets"] / max(n, 1),
+                  "seconds": seconds[m]}
+    for m in modes:
+        out[m]["AR_100_minus_exact"] = out[m]["AR_100"] - out["exact"]["AR_100"] if "exact" in out else None
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--image", default="coffee")
@@ -101,7 +172,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--hierarchical", action="store_true")
+    ap.add_argument("--hierarchical", action="store_true", help="= --modes exact,hierarchical")
+    ap.add_argument("--modes", default="exact", help=f"comma list of {','.join(MODES)} (exact always runs)")
+    ap.add_argument("--ar-checkpoint", default=None, help="trained checkpoint for AR@100 per mode on the synthetic val split")
+    ap.add_argument("--ar-points-per-side", type=int, default=32)
+    ap.add_argument("--ar-max-images", type=int, default=None)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", default=None, help="JSON file for the figures")
     args = ap.parse_args(argv)
@@ -144,22 +219,25 @@ def main(argv=None) -> dict:
     ref_model.image_encoder.forward = t_ref.wrap("encoder", ref_model.image_encoder.forward)
     ref_model.mask_decoder.forward = t_ref.wrap("decoder", ref_model.mask_decoder.forward)
 
-    ours_gen = EverythingGenerator(ours_model, **params)
+    modes = ["exact"] + [m for m in args.modes.split(",") if m and m != "exact"]
+    if args.hierarchical and "hierarchical" not in modes:
+        modes.append("hierarchical")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise SystemExit(f"unknown modes {unknown}; choose from {list(MODES)}")
+    gens = {RUN_NAME[m]: EverythingGenerator(ours_model, **params, **MODES[m]) for m in modes}
     ref_gen = mobile_sam.SamAutomaticMaskGenerator(ref_model, **params)
-    hier_gen = EverythingGenerator(ours_model, hierarchical=True, **params) if args.hierarchical else None
 
-    runs = {"ours": ours_gen.generate}
-    if not args.no_reference:
-        runs = {"reference": ref_gen.generate, "ours": ours_gen.generate}
-    if hier_gen is not None:
-        runs["ours_hierarchical"] = hier_gen.generate
-    timers = {"ours": t_ours, "reference": t_ref, "ours_hierarchical": t_ours}
+    runs = {} if args.no_reference else {"reference": ref_gen.generate}
+    runs.update({name: g.generate for name, g in gens.items()})
+    timers = {name: (t_ref if name == "reference" else t_ours) for name in runs}
 
     times: Dict[str, List[float]] = {k: [] for k in runs}
     phases: Dict[str, List[Dict[str, float]]] = {k: [] for k in runs}
     outputs: Dict[str, List[dict]] = {}
     # warm-up (allocator, lazy init) on a small grid, not timed
-    EverythingGenerator(ours_model, **{**params, "points_per_side": 2}).generate(image)
+    for m in modes:
+        EverythingGenerator(ours_model, **{**params, "points_per_side": 2}, **MODES[m]).generate(image)
     for rep in range(args.reps):
         for name, fn in runs.items():
             timer = timers[name]
@@ -195,21 +273,27 @@ def main(argv=None) -> dict:
         med = statistics.median(times[name])
         result[name] = {"seconds": med, "images_per_s": 1.0 / med, "times": times[name], "phases_median": med_phases(name),
                         "masks": len(outputs[name])}
-    if "ours_hierarchical" in runs:
-        result["ours_hierarchical"]["points_decoded"] = hier_gen.stats["points_decoded"]
-        result["ours_hierarchical"]["points_total"] = hier_gen.stats["points_total"]
-        result["ours_hierarchical"]["recall_iou0.9"] = recall(outputs["ours"], outputs["ours_hierarchical"], 0.9)
-        result["ours_hierarchical"]["recall_iou0.5"] = recall(outputs["ours"], outputs["ours_hierarchical"], 0.5)
-        result["ours_hierarchical"]["speedup_vs_ours"] = result["ours"]["seconds"] / result["ours_hierarchical"]["seconds"]
+    for m in modes:
+        name = RUN_NAME[m]
+        r = result[name]
+        r["mode"] = m
+        r["options"] = MODES[m]
+        r["points_decoded"] = gens[name].stats["points_decoded"]
+        r["points_total"] = gens[name].stats["points_total"]
+        r["speedup_vs_exact"] = result["ours"]["seconds"] / r["seconds"]
+        r["paired_iou_vs_exact"] = paired_iou(outputs["ours"], outputs[name])
+    if "ours_hierarchical" in runs:  # the keys of earlier JSON files
+        h = result["ours_hierarchical"]
+        h["recall_iou0.9"], h["recall_iou0.5"] = h["paired_iou_vs_exact"]["share_0.9"], h["paired_iou_vs_exact"]["share_0.5"]
+        h["speedup_vs_ours"] = h["speedup_vs_exact"]
     if "reference" in runs:
         result["speedup"] = result["reference"]["seconds"] / result["ours"]["seconds"]
         a, b = outputs["ours"], outputs["reference"]
         ious = rle_utils.iou_matrix([r["segmentation"] for r in a], [r["segmentation"] for r in b])
         result["parity"] = {"masks_ours": len(a), "masks_reference": len(b),
                             "min_paired_iou": float(ious.max(1).min()) if len(a) and len(b) else None}
-        if "ours_hierarchical" in runs:
-            result["ours_hierarchical"]["speedup_vs_reference"] = (
-                result["reference"]["seconds"] / result["ours_hierarchical"]["seconds"])
+        for m in modes:
+            result[RUN_NAME[m]]["speedup_vs_reference"] = result["reference"]["seconds"] / result[RUN_NAME[m]]["seconds"]
         rp, op = result["reference"]["phases_median"], result["ours"]["phases_median"]
         print(f"\nreference {result['reference']['images_per_s']:.4f} img/s, ours {result['ours']['images_per_s']:.4f} img/s, "
               f"speedup {result['speedup']:.2f}x")
@@ -217,11 +301,23 @@ def main(argv=None) -> dict:
             print(f"  {k:8s} reference {rp.get(k, 0):7.2f} s   ours {op.get(k, 0):7.2f} s   "
                   f"ratio {rp.get(k, 0) / max(op.get(k, 0), 1e-9):6.2f}x")
         print(f"  parity: {result['parity']}")
-    if "ours_hierarchical" in runs:
-        h = result["ours_hierarchical"]
-        print(f"hierarchical: {h['images_per_s']:.4f} img/s ({h['speedup_vs_ours']:.2f}x ours), decoded "
-              f"{h['points_decoded']}/{h['points_total']} points, recall@0.9 {h['recall_iou0.9']:.3f}, "
-              f"recall@0.5 {h['recall_iou0.5']:.3f}")
+    if args.ar_checkpoint:
+        print("AR@100 per mode on the synthetic val split ...", flush=True)
+        result["ar"] = ar_by_mode(args.ar_checkpoint, modes, args.ar_points_per_side, args.ar_max_images)
+    print("\n| mode | s / image | vs reference | vs exact | masks | paired IoU vs exact min / median | >= 0.9 | points decoded |"
+          + (" AR@100 | AR@100 - exact |" if "ar" in result else ""))
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if "ar" in result else ""))
+    for m in modes:
+        r = result[RUN_NAME[m]]
+        pi = r["paired_iou_vs_exact"]
+        vs_ref = f"{r['speedup_vs_reference']:.2f}x" if "speedup_vs_reference" in r else "-"
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"
+        line = (f"| {m} | {r['seconds']:.2f} | {vs_ref} | {r['speedup_vs_exact']:.2f}x | {r['masks']} | "
+                f"{fmt(pi['min'])} / {fmt(pi['median'])} | {fmt(pi['share_0.9'])} | {r['points_decoded']}/{r['points_total']} |")
+        if "ar" in result:
+            line += f" {result['ar'][m]['AR_100']:.4f} | {result['ar'][m]['AR_100_minus_exact']:+.4f} |"
+        print(line)
+    result["machine"]["loadavg_end"] = os.getloadavg()
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,23 @@ def test_device_run_lengths_equal_pycocotools(k, h, w, seed):
     assert rle_utils.counts_to_rles(counts.numpy(), lengths.numpy(), (h, w)) == _pycocotools(masks)
 
 
+@pytest.mark.parametrize("shape", [(5, 400, 600), (3, 7, 9), (1, 13), (4, 8, 127 * 8 + 3), (2, 2000, 2000), (3, 1, 5)])
+def test_count_true_equals_sum(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    m = torch.rand(shape, generator=g) > 0.3
+    assert torch.equal(rle_utils.count_true(m), m.reshape(shape[0], -1).sum(1))
+    full = torch.ones(shape, dtype=torch.bool)  # every byte lane at its maximum: no carry between lanes
+    assert torch.equal(rle_utils.count_true(full), full.reshape(shape[0], -1).sum(1))
+
+
+def test_count_true_of_views_and_empty():
+    x = torch.rand(4, 100, 101) > 0.5
+    for v in (x[:, 1:, 1:], x[1:], x.transpose(1, 2), x[:, :, 3]):
+        assert torch.equal(rle_utils.count_true(v), v.reshape(v.shape[0], -1).sum(1))
+    assert torch.equal(rle_utils.count_true(torch.zeros(0, 4, 4, dtype=torch.bool)), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(rle_utils.count_true(torch.zeros(3, 0, dtype=torch.bool)), torch.zeros(3, dtype=torch.long))
+
+
 def test_device_run_lengths_of_no_masks():
     counts, lengths = rle_utils.rle_counts(torch.zeros(0, 5, 7, dtype=torch.bool))
     assert counts.numel() == 0 and lengths.numel() == 0

@@ -472,8 +472,8 @@ class EverythingGenerator:
         for s in range(0, len(low), step):
             logits = upsample_logits(low[s : s + step].float(), input_hw, crop_hw, self.model.image_size)
             self.stats["upsampled"] += len(logits)
-            hi = (logits > self.mask_threshold + self.stability_score_offset).sum(dim=(1, 2))
-            lo = (logits > self.mask_threshold - self.stability_score_offset).sum(dim=(1, 2))
+            hi = rle_utils.count_true(logits > self.mask_threshold + self.stability_score_offset)
+            lo = rle_utils.count_true(logits > self.mask_threshold - self.stability_score_offset)
             stability = hi.float() / lo.float()  # 0 / 0 = nan fails the threshold, as in the reference
             if self.stability_score_thresh > 0.0:
                 sel = torch.nonzero(stability >= self.stability_score_thresh).flatten()
