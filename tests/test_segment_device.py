@@ -129,3 +129,17 @@ def test_bf16_mode_stays_close_to_fp32(tiny, photos):
     assert abs(len(fast) - len(exact)) <= 0.25 * len(exact)
     with pytest.raises(ValueError):
         EverythingGenerator(tiny, precision="fp16")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(tiny, monkeypatch):
+    import mobilesam_se.inference.amg as amg
+
+    monkeypatch.setattr(amg, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulates"):
+        EverythingGenerator(tiny, points_per_side=4, precision="bf16")
+    monkeypatch.setattr(amg, "cpu_has_fast_bf16", lambda: True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EverythingGenerator(tiny, points_per_side=4, precision="bf16")

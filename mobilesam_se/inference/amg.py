@@ -33,6 +33,7 @@ filter) covers. It is faster and usually finds most of the same masks, but it is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from itertools import product
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_area
 
 from mobilesam_se.inference import rle as rle_utils
-from mobilesam_se.precision import autocast
+from mobilesam_se.precision import autocast, cpu_has_fast_bf16
 from mobilesam_se.prompts import build_point_grid
 from mobilesam_se.transforms import apply_coords, preprocess_shape
 
@@ -297,6 +298,9 @@ class EverythingGenerator:
         # None: filter each point batch as it comes on the CPU, once per crop elsewhere (see _run_points).
         self.filter_per_batch = filter_per_batch
         self.precision = precision
+        if precision == "bf16" and model.device.type == "cpu" and not cpu_has_fast_bf16():
+            warnings.warn("precision=bf16 on a CPU without native bf16 (avx512_bf16 / AMX): PyTorch emulates it, "
+                          "which is much slower than fp32 (use precision=fp32 here)", stacklevel=2)
         self.stats: Dict[str, int] = {}
 
     @property
