@@ -46,7 +46,7 @@ def _data_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> Path:
     """checkpoints/ of a real tiny training run (best.pt, best.model.yaml, last.ckpt)."""
-    from mobilesam_se.setup import build_run
+    from mobilesam_se.assembly import build_run
 
     out = tmp_path_factory.mktemp("described") / "run"
     with pytest.MonkeyPatch.context() as mp:

@@ -23,7 +23,7 @@ from mobilesam_se.models.mask_decoder import DecoderOutput
 from mobilesam_se.models.sam_vit import SAM_VIT_CONFIGS, load_sam_vit_encoder
 from mobilesam_se.models.teachers import TeacherSpec, build_sam_vit_teacher, build_teacher_model, freeze_teacher
 from mobilesam_se.prompts import grid_points_for_model
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 S = 128  # image size: 8x8 embeddings, 32x32 low-res masks
 CPU = torch.device("cpu")

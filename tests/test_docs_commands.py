@@ -159,7 +159,7 @@ def _substitute(words: List[str], world: Dict[str, str]) -> List[str]:
 
 
 def _run_train(args: List[str], world: Dict[str, str], label: str) -> None:
-    from mobilesam_se.setup import build_run
+    from mobilesam_se.assembly import build_run
 
     out_dir = Path(world["_tmp"]) / "runs" / re.sub(r"\W", "_", label)
     args = [a for a in args if not a.startswith("hydra.run.dir=")]  # the run directory: ours

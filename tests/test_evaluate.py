@@ -14,7 +14,7 @@ from mobilesam_se.evaluation.calibration import (
     survival,
 )
 from mobilesam_se.evaluation.coco_eval import CocoMaskEval, encode_masks
-from mobilesam_se.evaluation.everything import EverythingEvaluator, EverythingReport, format_table
+from mobilesam_se.evaluation.evaluator import EverythingEvaluator, EverythingReport, format_table
 
 
 def box_mask(hw, y0, x0, y1, x1):

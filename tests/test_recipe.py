@@ -33,7 +33,7 @@ from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import official_state_dict
 from mobilesam_se.models.sam_vit import SAM_VIT_CONFIGS
 from mobilesam_se.models.teachers import EncoderNotLoaded, build_sam_vit_teacher
-from mobilesam_se.setup import build_datasets, build_run
+from mobilesam_se.assembly import build_datasets, build_run
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = ["distillation=full", "model.multimask_output=false"]
@@ -236,7 +236,7 @@ def test_full_cache_means_no_teacher_encoder_and_bad_entries_are_misses(stand_in
     cfg = compose_cfg(overrides)
     assert precompute(cfg, progress=False) == {"images": 1, "computed": 2}
     cfg = compose_cfg(overrides)
-    from mobilesam_se.setup import resolve_checkpoints
+    from mobilesam_se.assembly import resolve_checkpoints
 
     specs = resolve_checkpoints(cfg)
     train, _ = build_datasets(cfg)

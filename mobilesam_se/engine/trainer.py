@@ -2,7 +2,7 @@
 early stopping, exact resume, atomic checkpoints, append-only logs, pictures and W&B.
 
 The trainer receives built parts, keyword-only (the objective, the datasets, a validator, a logger),
-and its own settings (`conf/trainer/*.yaml`); `setup.build_run` makes it with
+and its own settings (`conf/trainer/*.yaml`); `assembly.build_run` makes it with
 `instantiate(cfg.trainer, _partial_=True)(**parts)`. It never reads the other config groups.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Trainer:
         self.freeze_bn_stats = bool(freeze.get("batchnorm_stats", False))
         self.bn_stats_epoch = freeze.get("batchnorm_stats_epoch")
         self.bn_stats_images = int(freeze.get("batchnorm_stats_images", 64))
-        # Estimated only for a model that starts from its init (setup: not from model.checkpoint).
+        # Estimated only for a model that starts from its init (assembly: not from model.checkpoint).
         self.estimate_bn_stats = bool(freeze.get("estimate_batchnorm_stats", True))
         self.visual_images = int(visual.get("num_images", 0))
         self.visual_every = int(visual.get("save_every_n_epochs", 0))

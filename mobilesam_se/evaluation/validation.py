@@ -95,7 +95,7 @@ def validate(
     - precision (and recall_filtered): only candidates whose predicted IoU >= score_thresh, after
       mask NMS at nms_iou, so spurious confident masks count against the model.
 
-    `evaluator` (an `evaluation.everything.EverythingEvaluator`) also receives every image's
+    `evaluator` (an `evaluation.evaluator.EverythingEvaluator`) also receives every image's
     candidates; its COCO AP / AR and calibration metrics are merged into the result.
     """
     was_training = model.training
@@ -237,7 +237,7 @@ class Validator:
         """`coco`: COCO mask AP/AR of the raw candidates and the reliability diagram; `amg`: also the
         stock AMG's output in the COCO metrics (a second decode per image); `prompted`: point / box /
         corrective-click mIoU as prompted/*."""
-        from mobilesam_se.evaluation.everything import EverythingEvaluator, build_generator, figure_to_rgb
+        from mobilesam_se.evaluation.evaluator import EverythingEvaluator, build_generator, figure_to_rgb
 
         loader = self.loader()
         evaluator = None
