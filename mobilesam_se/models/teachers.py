@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from mobilesam_se.errors import UserError
+from mobilesam_se.errors import CheckpointError, UserError
 from mobilesam_se.models.build import DECODER_SIZES, build_mobilesam, build_sam_head
 from mobilesam_se.models.checkpoint import load_official_state_dict, model_state_from_file, read_checkpoint
 from mobilesam_se.models.sam import SamModel
@@ -25,6 +25,7 @@ from mobilesam_se.models.sam_vit import (
     SamViTConfig,
     build_sam_vit_encoder,
     sam_encoder_state_dict_to_timm,
+    sam_vit_variant_from_checkpoint,
     timm_encoder_state_dict_to_sam,
 )
 
@@ -84,6 +85,17 @@ def _decoder_size_for(dim: int) -> str:
     raise ValueError(f"no decoder size has dim {dim}; known: { {k: v['dim'] for k, v in DECODER_SIZES.items()} }")
 
 
+def _variant_hint(state: Dict[str, torch.Tensor]) -> str:
+    """Which SAM ViT the file's encoder is, for the error of a teacher model that does not fit it
+    (a ViT-H file given as sam_vit_b would otherwise read as hundreds of shape mismatches)."""
+    try:
+        variant = sam_vit_variant_from_checkpoint(state)
+    except ValueError:
+        return ""
+    name = next((m for m, v in SAM_VIT_MODELS.items() if v == variant), variant)
+    return f"\n  its image encoder looks like {name!r} (distillation.teachers[i].model)"
+
+
 def build_sam_vit_teacher(config: SamViTConfig, image_size: int, decoder_size: str = "sam") -> SamModel:
     """A SAM ViT encoder + SAM prompt encoder / mask decoder at `image_size`, randomly initialised."""
     return build_sam_head(SamVitImageEncoder(config, image_size), image_size, decoder_size)
@@ -105,7 +117,11 @@ def build_teacher_model(spec: TeacherSpec, image_size: int, tiny_dim: int = 32) 
     else:
         model = build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "sam")
         # Full SAM checkpoint: image_encoder.* through the sam_vit mapping, the rest by name; strict.
-        load_official_state_dict(model, model_state_from_file(read_checkpoint(spec.checkpoint)), str(spec.checkpoint))
+        state = model_state_from_file(read_checkpoint(spec.checkpoint))
+        try:
+            load_official_state_dict(model, state, str(spec.checkpoint))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{_variant_hint(state)}") from None
     return freeze_teacher(model)
 
 
