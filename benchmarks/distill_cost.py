@@ -42,8 +42,8 @@ def _random_teacher(spec: Any, image_size: int):
     from mobilesam_se.models.teachers import SAM_VIT_MODELS, build_sam_vit_teacher, freeze_teacher
 
     if spec.model == "mobilesam":
-        return freeze_teacher(build_mobilesam(image_size, "full"))
-    return freeze_teacher(build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "sam"))
+        return freeze_teacher(build_mobilesam(image_size, "mobilesam"))
+    return freeze_teacher(build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "mobilesam"))
 
 
 def _distiller(cfg, image_size: int):
@@ -78,7 +78,7 @@ def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = _cfg(preset, image_size, grid)
-    student = build_mobilesam(image_size, "full").train()
+    student = build_mobilesam(image_size, "mobilesam").train()
     distiller = _distiller(cfg, image_size)
     objective = SegmentEverythingObjective(student, EverythingLoss(), distiller=distiller,
                                           multimask_output=cfg.model.multimask_output,
@@ -116,7 +116,7 @@ def flops(image_size: int, grid: int) -> List[Dict[str, Any]]:
     meta = torch.device("meta")
     points = grid_points_for_model(grid, (image_size, image_size), image_size)[None].to(meta)
     with meta:
-        student = build_mobilesam(image_size, "full")
+        student = build_mobilesam(image_size, "mobilesam")
     pixels = torch.empty(1, 3, image_size, image_size, device=meta)
 
     def student_step() -> None:

@@ -180,7 +180,7 @@ def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
 
     size, grid, batch = (256, 4, 1) if quick else (1024, 32, 4 if device.type == "cuda" else 1)
     torch.manual_seed(0)
-    model = build_mobilesam(size, size="tiny" if quick else "full").to(device).train()
+    model = build_mobilesam(size, size="tiny" if quick else "mobilesam").to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     low = size // 4
     yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")

@@ -198,7 +198,7 @@ def test_sam_checkpoint_loads_strictly_through_the_sam_vit_mapping(tmp_path, mon
     # A SAM-layout checkpoint (1024 px, image_encoder.* in SAM's names) of a tiny ViT, as sam_vit_b.
     monkeypatch.setitem(teachers_mod.SAM_VIT_CONFIGS, "vit_b", SAM_VIT_CONFIGS["tiny"])
     torch.manual_seed(0)
-    ref = build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam")
+    ref = build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam")
     sd = official_state_dict(ref)
     assert "image_encoder.blocks.0.mlp.lin1.weight" in sd and "mask_decoder.iou_token.weight" in sd
     path = tmp_path / "sam_vit_b_tiny.pth"

@@ -119,9 +119,9 @@ def world(tmp_path_factory) -> Iterator[Dict[str, str]]:
     wdir.mkdir()
     for cfg_name in ("vit_h", "vit_b"):
         mp.setitem(teachers_mod.SAM_VIT_CONFIGS, cfg_name, SAM_VIT_CONFIGS["tiny"])
-    files = {"mobile_sam": official_state_dict(build_mobilesam(1024, "full")),
-             "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam")),
-             "sam_vit_b": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam"))}
+    files = {"mobile_sam": official_state_dict(build_mobilesam(1024, "mobilesam")),
+             "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam")),
+             "sam_vit_b": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam"))}
     table = {}
     for name, sd in files.items():
         entry = weights.OFFICIAL[name]

@@ -18,7 +18,7 @@ from mobilesam_se.transforms import preprocess_image, preprocess_shape
 def test_amg_filters_on_validation_candidates_match_the_generator(coffee):
     # Hand-structured weights (blobs around each point, a prompt-dependent IoU), so masks vary.
     torch.manual_seed(0)
-    model = build_mobilesam(256, size="full").eval()
+    model = build_mobilesam(256, size="mobilesam").eval()
     weights = structured_mobilesam_state_dict(official_state_dict(model), coffee)
     load_official_state_dict(model, weights, "structured weights")
     image = coffee[::2, ::2].copy()
