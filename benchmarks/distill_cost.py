@@ -57,7 +57,8 @@ def _distiller(cfg, image_size: int):
                      multimask_output=cfg.model.multimask_output, points_per_batch=cfg.model.points_per_batch)
 
 
-def _batch(image_size: int, grid: int) -> Dict[str, Any]:
+def _batch(image_size: int, grid: int):
+    from mobilesam_se.data.sample import Batch
     from mobilesam_se.prompts import grid_points_for_model
 
     side = image_size // 4
@@ -65,9 +66,9 @@ def _batch(image_size: int, grid: int) -> Dict[str, Any]:
     masks[0, : side // 2, : side // 2] = True
     masks[1, side // 2 :, : side // 3] = True
     masks[2, side // 4 : side // 2, side // 2 :] = True
-    return {"image": torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)),
-            "points": grid_points_for_model(grid, (image_size, image_size), image_size)[None],
-            "masks_lowres": [masks], "input_size": [(image_size, image_size)], "file_name": [""], "image_id": ["0"]}
+    return Batch(image=torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)),
+                 points=grid_points_for_model(grid, (image_size, image_size), image_size)[None],
+                 masks_lowres=[masks], input_size=[(image_size, image_size)], file_name=[""], image_id=["0"])
 
 
 def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str, Any]:
@@ -121,7 +122,7 @@ def flops(image_size: int, grid: int) -> List[Dict[str, Any]]:
 
     def student_step() -> None:
         out = student(pixels, points, multimask_output=False, points_per_batch=64)
-        (out["masks"].float().mean() + out["iou_pred"].float().mean() + out["embeddings"].float().mean()).backward()
+        (out.masks.float().mean() + out.iou_pred.float().mean() + out.embeddings.float().mean()).backward()
 
     parts = {"student_fwd_bwd": _count(student_step),
              "student_encoder_fwd": _count(lambda: student.encode(pixels))}

@@ -64,7 +64,7 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
                             num_workers=cfg.dataset.num_workers)
         for batch in tqdm(loader, desc=f"teacher cache ({split})", disable=not progress):
             counts["computed"] += distiller.fill_cache(batch, device)
-            counts["images"] += len(batch["file_name"])
+            counts["images"] += len(batch)
     for t in distiller.teachers:
         log.info("teacher %r: cache hit rate %.1f%% (%d of %d)", t.name, 100 * t.cache.hit_rate, t.cache.hits,
                  t.cache.hits + t.cache.misses)

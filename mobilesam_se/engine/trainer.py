@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mobilesam_se.data.sample import collate_samples
+from mobilesam_se.data.sample import Batch, collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
@@ -268,7 +268,7 @@ class Trainer:
         if signum is not None and code_of(signum) >= code_of(self.stop_signal):
             self.stop_signal = signum
 
-    def _micro_step(self, batch: Dict[str, Any], micro_index: int) -> Dict[str, torch.Tensor]:
+    def _micro_step(self, batch: Batch, micro_index: int) -> Dict[str, torch.Tensor]:
         """The objective's terms for one micro-batch (`loss` is what is optimised). Each micro-batch
         has its own seeded generator (prompt sub-sampling, prompted-object sampling)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_index * self.dist.world_size + self.dist.rank)
