@@ -104,6 +104,14 @@ def test_collate_stacks_fixed_fields_and_lists_the_rest(tmp_path):
     with pytest.raises(ValueError):
         collate_samples([])
 
+    # .to moves what a training step reads; the full-resolution masks stay; on its device a tensor is kept.
+    moved = batch.to(torch.device("meta"))
+    assert {t.device.type for t in [moved.image, moved.points, *moved.masks_lowres]} == {"meta"}
+    assert all(m.device.type == "cpu" for m in moved.masks) and moved.image_id == batch.image_id
+    assert batch.image.device.type == "cpu"  # a copy: the batch itself is untouched
+    same = batch.to(torch.device("cpu"))
+    assert same.image is batch.image and same.masks_lowres[0] is batch.masks_lowres[0]
+
 
 def test_option_checks(tmp_path):
     write_folder_sample(tmp_path, "a", np.zeros((8, 8, 3), np.uint8), [rect((8, 8), 0, 4, 0, 4)])
