@@ -37,7 +37,7 @@ def fit(overrides, out_dir):
 def fresh_model():
     """The model `build_run` starts from (it seeds with cfg.seed = 0 before building)."""
     torch.manual_seed(0)
-    return build_mobilesam(256, size="tiny")
+    return build_mobilesam(256, size="tiny", attention_init="tied_qk")  # conf/model's attention_init
 
 
 def params(trainer):
