@@ -15,7 +15,7 @@ from mobilesam_se.engine.optim import warmup_cosine
 from mobilesam_se.engine.trainer import NonFiniteLossError
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import load_model_weights, read_checkpoint
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def fit(overrides, out_dir):
 def fresh_model():
     """The model `build_run` starts from (it seeds with cfg.seed = 0 before building)."""
     torch.manual_seed(0)
-    return build_mobilesam(256, size="tiny")
+    return build_mobilesam(256, size="tiny", attention_init="tied_qk")  # conf/model's attention_init
 
 
 def params(trainer):
