@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(preset: str, image_size: int, grid: int):
     sys.path.insert(0, str(REPO / "tests"))
-    from hydra_utils import compose_cfg  # the same composition as run.py
+    from helpers.hydra_utils import compose_cfg  # the same composition as run.py
 
     return compose_cfg([f"distillation={preset}", "model.multimask_output=false", f"model.image_size={image_size}",
                         f"dataset.grid_points={grid}", "logger=none"])

@@ -6,7 +6,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
-from hydra_utils import CONF, compose_cfg
+from helpers.hydra_utils import CONF, compose_cfg
 from mobilesam_se.losses.everything import EverythingLoss
 
 

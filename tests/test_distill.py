@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.distill import build_distiller
 from mobilesam_se.distill.cache import main as cache_main, precompute
 from mobilesam_se.distill.embedding_cache import EmbeddingCache
@@ -387,7 +387,7 @@ def test_dual_supervision_adds_a_soft_loss_toward_teacher_masks():
 
 # -- end to end -------------------------------------------------------------------------------------
 def _fit(overrides, out_dir):
-    cfg = compose_cfg(TINY_RUN + [f"model.image_size={S}", "trainer.max_epochs=1", "trainer.max_steps=2",
+    cfg = compose_cfg(["debug=default", f"model.image_size={S}", "trainer.max_epochs=1", "trainer.max_steps=2",
                                   "trainer.log_every=1"] + overrides)
     trainer, cleanup = build_run(cfg, out_dir=Path(out_dir))
     try:

@@ -30,7 +30,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from hydra_utils import compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se import weights
 from mobilesam_se.data import write_folder_sample
 from mobilesam_se.models import teachers as teachers_mod
