@@ -71,7 +71,8 @@ def _batch(image_size: int, grid: int) -> Dict[str, Any]:
 
 
 def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str, Any]:
-    from mobilesam_se.losses.everything import EverythingLoss
+    from hydra.utils import instantiate
+
     from mobilesam_se.models.build import build_mobilesam
     from mobilesam_se.objective import SegmentEverythingObjective
 
@@ -80,7 +81,7 @@ def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str
     cfg = _cfg(preset, image_size, grid)
     student = build_mobilesam(image_size, "full").train()
     distiller = _distiller(cfg, image_size)
-    objective = SegmentEverythingObjective(student, EverythingLoss(), distiller=distiller,
+    objective = SegmentEverythingObjective(student, instantiate(cfg.loss), distiller=distiller,
                                           multimask_output=cfg.model.multimask_output,
                                           points_per_batch=cfg.model.points_per_batch)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)

@@ -15,9 +15,7 @@ from mobilesam_se.models.checkpoint import load_model_weights
 from mobilesam_se.setup import build_run
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def test_estimate_gives_population_statistics_and_keeps_the_mode():

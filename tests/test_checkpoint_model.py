@@ -38,9 +38,7 @@ def _data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "data"
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(_data_dir(tmp_path_factory)))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

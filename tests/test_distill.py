@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.losses import everything_loss
 from helpers.hydra_utils import compose_cfg
 from mobilesam_se.distill import build_distiller
 from mobilesam_se.distill.cache import main as cache_main, precompute
@@ -15,7 +16,6 @@ from mobilesam_se.distill.distiller import TERM_NAMES, Distiller, MaskTeacherSet
 from mobilesam_se.distill.plateau import PlateauLambda
 from mobilesam_se.errors import UserError
 from mobilesam_se.objective import SegmentEverythingObjective
-from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models import teachers as teachers_mod
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import CheckpointError, official_state_dict
@@ -37,9 +37,7 @@ TERM_KW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def student(seed=0):
@@ -72,7 +70,7 @@ def make_batch(B=1, files=None, seed=0):
 
 
 def step(model, batch, multimask=True, features=True, attention=True):
-    objective = SegmentEverythingObjective(model, EverythingLoss(), multimask_output=multimask, points_per_batch=8)
+    objective = SegmentEverythingObjective(model, everything_loss(), multimask_output=multimask, points_per_batch=8)
     return objective.everything(batch, return_features=features, record_attention=attention)
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers.slurm_utils import slurm_cluster  # noqa: E402,F401 (fixture)
 from test_ddp import EQUIV  # noqa: E402
 from test_sweeps_slurm import SLURM_LAUNCHER, slurm_env  # noqa: E402
 

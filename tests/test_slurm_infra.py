@@ -16,7 +16,7 @@ import submitit
 # (the job functions must be imported as "helpers.slurm_jobs", as in the job).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import slurm_jobs  # noqa: E402
-from helpers.slurm_utils import job_result, make_executor, slurm, slurm_cluster, wait_job  # noqa: E402,F401 (fixtures)
+from helpers.slurm_utils import job_result, make_executor, wait_job  # noqa: E402 (fixtures slurm, slurm_cluster: tests/conftest.py)
 
 pytestmark = pytest.mark.slurm
 

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers.slurm_utils import slurm_cluster  # noqa: E402,F401 (fixture)
 from test_sweeps import SWEEP_TINY  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

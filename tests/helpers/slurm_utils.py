@@ -3,7 +3,7 @@
 Usage (in a test module; tests/ is on sys.path under pytest's default import mode)::
 
     import pytest
-    from helpers.slurm_utils import slurm, slurm_cluster, make_executor, job_result  # noqa: F401 (fixtures)
+    from helpers.slurm_utils import make_executor, job_result  # the fixtures slurm, slurm_cluster: tests/conftest.py
 
     pytestmark = pytest.mark.slurm
 
