@@ -23,6 +23,7 @@ class ModelConfig:
     multimask_output: bool = MISSING  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)
     points_per_batch: int = MISSING  # prompts decoded per chunk
     activation_checkpointing: bool = MISSING  # recompute each prompt chunk in backward (the model's grad_checkpointing flag)
+    attention_init: str = MISSING  # default | tied_qk: the decoder's key projections start equal to its queries
     drop_path_rate: float = MISSING
     net: Any = MISSING  # {_target_: ..., **arguments}
 

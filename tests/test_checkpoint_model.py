@@ -80,7 +80,8 @@ def test_training_describes_best_pt_beside_it_and_last_ckpt_inside(ckpts):
     side = yaml.safe_load((ckpts / "best.model.yaml").read_text())["model"]
     assert _described(side) == DESCRIBED
     assert side["net"] == {"_target_": "mobilesam_se.models.build.build_mobilesam", "image_size": 128, "size": "tiny",
-                           "checkpoint": None, "drop_path_rate": 0.0, "grad_checkpointing": False}
+                           "checkpoint": None, "drop_path_rate": 0.0, "grad_checkpointing": False,
+                           "attention_init": "tied_qk"}
     last = ckpts / "last.ckpt"
     description, source = read_description(last, torch.load(last, weights_only=True))
     assert description == side and source == "the config inside last.ckpt"

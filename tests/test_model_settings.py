@@ -101,3 +101,31 @@ def test_layernorm2d_is_timms_with_sams_numerics_and_names(model):
     ours.load_state_dict(ref.state_dict(), strict=True)  # the same names: weight, bias
     x = torch.randn(2, 8, 5, 7) * 3 + 1
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_attention_init_starts_local():
+    torch.manual_seed(0)
+    plain = build_mobilesam(256, size="tiny", attention_init="default")
+    torch.manual_seed(0)
+    tied = build_mobilesam(256, size="tiny", attention_init="tied_qk")
+    from mobilesam_se.models.transformer import Attention
+
+    layers = [m for m in tied.mask_decoder.modules() if isinstance(m, Attention)]
+    assert layers and all(torch.equal(m.k_proj.weight, m.q_proj.weight) and torch.equal(m.k_proj.bias, m.q_proj.bias)
+                          for m in layers)
+    assert not any(torch.equal(m.k_proj.weight, m.q_proj.weight)
+                   for m in plain.mask_decoder.modules() if isinstance(m, Attention))
+    # Only the keys change: the rest of the init is the same draw.
+    diff = {n for n, p in tied.state_dict().items() if not torch.equal(p, plain.state_dict()[n])}
+    assert diff and all(".k_proj." in n for n in diff)
+    # What it is for: every score form W_q^T W_k starts symmetric positive semi-definite, so the
+    # positional part of a score is largest where a prompt's position meets its own.
+    for m in layers:
+        form = m.q_proj.weight.T @ m.k_proj.weight
+        assert torch.allclose(form, form.T, atol=1e-6) and torch.linalg.eigvalsh(form).min() > -1e-5
+
+def test_attention_init_is_checked_and_set_from_the_config():
+    with pytest.raises(ValueError, match="attention_init"):
+        build_mobilesam(64, size="tiny", attention_init="tied")
+    cfg = compose_cfg(["model=tiny"])
+    assert cfg.model.attention_init == "tied_qk" and cfg.model.net.attention_init == "tied_qk"

@@ -13,7 +13,7 @@ from mobilesam_se.models.image_encoder import MOBILESAM_TINYVIT, SMALL_TINYVIT, 
 from mobilesam_se.models.mask_decoder import MaskDecoder
 from mobilesam_se.models.prompt_encoder import PromptEncoder
 from mobilesam_se.models.sam import SamModel
-from mobilesam_se.models.transformer import TwoWayTransformer
+from mobilesam_se.models.transformer import TwoWayTransformer, tie_query_key_init
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,27 @@ def build_sam_head(encoder, image_size: int, decoder_size: str = "sam") -> SamMo
     return SamModel(encoder, prompt_encoder, decoder, image_size=image_size)
 
 
+ATTENTION_INITS = ("default", "tied_qk")
+
+
 def build_mobilesam(
     image_size: int = 1024,
     size: str = "full",
     checkpoint: Optional[str] = None,
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
+    attention_init: str = "default",
 ) -> SamModel:
     """MobileSAM. `size='full'` is the official architecture; `size='tiny'` is for tests.
 
     `checkpoint`, when given, is an official-layout file (`mobile_sam.pt`, our `best.pt`) or our
     `last.ckpt`, loaded strictly. `grad_checkpointing` sets the model's flag
-    (`model.activation_checkpointing` in the config).
+    (`model.activation_checkpointing` in the config). `attention_init`: "default" (PyTorch's init,
+    as the reference) or "tied_qk" (the decoder's attention starts as a positional kernel, see
+    `tie_query_key_init`; what random-init training wants, overwritten by a checkpoint).
     """
+    if attention_init not in ATTENTION_INITS:
+        raise ValueError(f"model.attention_init must be one of {ATTENTION_INITS}, got {attention_init!r}")
     if size == "full":
         model = build_sam_head(TinyVitImageEncoder(MOBILESAM_TINYVIT, drop_path_rate), image_size, "sam")
     elif size == "small":
@@ -65,6 +73,8 @@ def build_mobilesam(
     else:
         raise ValueError(f"model.size must be 'full', 'small' or 'tiny', got {size!r}")
     model.set_grad_checkpointing(grad_checkpointing)
+    if attention_init == "tied_qk":
+        tie_query_key_init(model.mask_decoder)
     if checkpoint:
         from mobilesam_se.models.checkpoint import load_model_weights
 
