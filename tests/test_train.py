@@ -33,9 +33,13 @@ def fit(overrides, out_dir):
 
 
 def fresh_model():
-    """The model `build_run` starts from (it seeds with cfg.seed = 0 before building)."""
+    """The model `build_run` starts from: the debug run's model group (its init included), built
+    after seeding with cfg.seed = 0."""
+    from hydra.utils import instantiate
+
+    net = compose_cfg(["debug=default"]).model.net
     torch.manual_seed(0)
-    return build_mobilesam(256, size="tiny")
+    return instantiate(net)
 
 
 def params(trainer):
