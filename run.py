@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from mobilesam_se.engine.preemption import exit_after_checkpoint
 from mobilesam_se.errors import report_user_errors
-from mobilesam_se.setup import build_run, register_resolvers
+from mobilesam_se.assembly import build_run, register_resolvers
 
 log = logging.getLogger("run")
 register_resolvers()

@@ -48,8 +48,8 @@ class Pair:
         return self.image_size // 16
 
 
-def build_pair(image_size: int = 1024, decoder_size: str = "sam", device: str = "cpu", seed: int = 0) -> Pair:
-    """Matched (ours, reference) decoders at `image_size` with SAM's ('sam') or the tiny decoder dims."""
+def build_pair(image_size: int = 1024, decoder_size: str = "mobilesam", device: str = "cpu", seed: int = 0) -> Pair:
+    """Matched (ours, reference) decoders at `image_size` with SAM's ('mobilesam') or the tiny decoder dims."""
     from mobile_sam.modeling import MaskDecoder as RefMaskDecoder
     from mobile_sam.modeling import PromptEncoder as RefPromptEncoder
     from mobile_sam.modeling import TwoWayTransformer as RefTwoWayTransformer

@@ -11,7 +11,7 @@ from benchmarks.common import (
 
 
 def bench_decoder_forward(image_size: int, prompts: int, reps: int, device: str, dtype: str,
-                          decoder_size: str = "sam") -> Dict[str, object]:
+                          decoder_size: str = "mobilesam") -> Dict[str, object]:
     """Everything-mode forward of `prompts` single-point prompts on one image embedding.
 
     ref: `mobile_sam` PromptEncoder + MaskDecoder, called as `SamPredictor.predict_torch` calls them

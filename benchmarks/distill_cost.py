@@ -42,8 +42,8 @@ def _random_teacher(spec: Any, image_size: int):
     from mobilesam_se.models.teachers import SAM_VIT_MODELS, build_sam_vit_teacher, freeze_teacher
 
     if spec.model == "mobilesam":
-        return freeze_teacher(build_mobilesam(image_size, "full"))
-    return freeze_teacher(build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "sam"))
+        return freeze_teacher(build_mobilesam(image_size, "mobilesam"))
+    return freeze_teacher(build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "mobilesam"))
 
 
 def _distiller(cfg, image_size: int):
@@ -57,7 +57,8 @@ def _distiller(cfg, image_size: int):
                      multimask_output=cfg.model.multimask_output, points_per_batch=cfg.model.points_per_batch)
 
 
-def _batch(image_size: int, grid: int) -> Dict[str, Any]:
+def _batch(image_size: int, grid: int):
+    from mobilesam_se.data.sample import Batch
     from mobilesam_se.prompts import grid_points_for_model
 
     side = image_size // 4
@@ -65,9 +66,9 @@ def _batch(image_size: int, grid: int) -> Dict[str, Any]:
     masks[0, : side // 2, : side // 2] = True
     masks[1, side // 2 :, : side // 3] = True
     masks[2, side // 4 : side // 2, side // 2 :] = True
-    return {"image": torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)),
-            "points": grid_points_for_model(grid, (image_size, image_size), image_size)[None],
-            "masks_lowres": [masks], "input_size": [(image_size, image_size)], "file_name": [""], "image_id": ["0"]}
+    return Batch(image=torch.randn(1, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)),
+                 points=grid_points_for_model(grid, (image_size, image_size), image_size)[None],
+                 masks_lowres=[masks], input_size=[(image_size, image_size)], file_name=[""], image_id=["0"])
 
 
 def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str, Any]:
@@ -79,7 +80,7 @@ def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = _cfg(preset, image_size, grid)
-    student = build_mobilesam(image_size, "full").train()
+    student = build_mobilesam(image_size, "mobilesam").train()
     distiller = _distiller(cfg, image_size)
     objective = SegmentEverythingObjective(student, instantiate(cfg.loss), distiller=distiller,
                                           multimask_output=cfg.model.multimask_output,
@@ -117,12 +118,12 @@ def flops(image_size: int, grid: int) -> List[Dict[str, Any]]:
     meta = torch.device("meta")
     points = grid_points_for_model(grid, (image_size, image_size), image_size)[None].to(meta)
     with meta:
-        student = build_mobilesam(image_size, "full")
+        student = build_mobilesam(image_size, "mobilesam")
     pixels = torch.empty(1, 3, image_size, image_size, device=meta)
 
     def student_step() -> None:
         out = student(pixels, points, multimask_output=False, points_per_batch=64)
-        (out["masks"].float().mean() + out["iou_pred"].float().mean() + out["embeddings"].float().mean()).backward()
+        (out.masks.float().mean() + out.iou_pred.float().mean() + out.embeddings.float().mean()).backward()
 
     parts = {"student_fwd_bwd": _count(student_step),
              "student_encoder_fwd": _count(lambda: student.encode(pixels))}

@@ -186,12 +186,13 @@ def segment_and_parity(device: torch.device, grid: int, reps: int, compile_decod
 def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
     """The full recipe's step: encoder + 32x32x3 grid, bf16 autocast, checkpointing, real loss, AdamW."""
     from mobilesam_se.models.build import build_mobilesam
+    from mobilesam_se.data.sample import Batch
     from mobilesam_se.objective import SegmentEverythingObjective
     from mobilesam_se.prompts import build_point_grid
 
     size, grid, batch = (256, 4, 1) if quick else (1024, 32, 4 if device.type == "cuda" else 1)
     torch.manual_seed(0)
-    model = build_mobilesam(size, size="tiny" if quick else "full").to(device).train()
+    model = build_mobilesam(size, size="tiny" if quick else "mobilesam").to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     low = size // 4
     yy, xx = torch.meshgrid(torch.arange(low), torch.arange(low), indexing="ij")
@@ -202,8 +203,8 @@ def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
         r = rng.uniform(low / 40, low / 8, 30)
         gts.append(torch.stack([(yy - cy) ** 2 + (xx - cx) ** 2 < rr**2 for (cy, cx), rr in zip(c, r)]))
     pts = torch.as_tensor(build_point_grid(grid) * size, dtype=torch.float32)
-    data = {"image": torch.randn(batch, 3, size, size), "points": pts[None].expand(batch, -1, -1).contiguous(),
-            "masks_lowres": gts}
+    data = Batch(image=torch.randn(batch, 3, size, size), points=pts[None].expand(batch, -1, -1).contiguous(),
+                 masks_lowres=gts)
     model.set_grad_checkpointing(True)
     objective = SegmentEverythingObjective(
         model, _recipe_loss(), multimask_output=True, points_per_batch=grid * grid if device.type == "cuda" else 64,

@@ -26,7 +26,7 @@ TARGETS = {"decoder_forward": 2.5, "train_step_time": 2.0, "train_step_memory": 
 
 SIZES = {
     # full: 1024 px images (64x64 embedding), SAM's decoder dims.
-    "full": dict(image_size=1024, decoder="sam", fwd_prompts=64, fwd_reps=3, train_prompts=32, train_chunk=8, train_reps=3,
+    "full": dict(image_size=1024, decoder="mobilesam", fwd_prompts=64, fwd_reps=3, train_prompts=32, train_chunk=8, train_reps=3,
                  mem_prompts=[16, 32], ckpt_mem_prompts=[64], match=dict(prompts=256, candidates=3, objects=50, size=256), match_reps=3),
     # quick: same code paths on 256 px images (16x16 embedding) with the tiny decoder dims, for the
     # smoke test; one thread, so that a loaded machine does not stall it on thread barriers.

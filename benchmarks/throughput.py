@@ -21,8 +21,8 @@ from benchmarks.common import autocast, interleaved_times, median, sync
 SETTINGS = {
     # image size, model size, grid per side, batch, points_per_batch (fwd, train), reps
     "quick": dict(image_size=256, size="tiny", grid=4, batch=1, ppb_fwd=16, ppb_train=8, reps=1),
-    "cpu": dict(image_size=1024, size="full", grid=32, batch=1, ppb_fwd=64, ppb_train=16, reps=1),
-    "cuda": dict(image_size=1024, size="full", grid=32, batch=4, ppb_fwd=256, ppb_train=128, reps=5),
+    "cpu": dict(image_size=1024, size="mobilesam", grid=32, batch=1, ppb_fwd=64, ppb_train=16, reps=1),
+    "cuda": dict(image_size=1024, size="mobilesam", grid=32, batch=4, ppb_fwd=256, ppb_train=128, reps=5),
 }
 
 

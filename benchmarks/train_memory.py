@@ -71,7 +71,7 @@ def compare_step_time(prompts: int, reps: int, image_size: int = 1024) -> Dict[s
     import mobilesam_se.models.sam as sam_module
     from benchmarks.common import build_pair, interleaved_times, make_inputs, median, peak_memory_bytes
 
-    pair = build_pair(image_size, "sam")
+    pair = build_pair(image_size, "mobilesam")
     model = pair.ours.train()
     model.set_grad_checkpointing()
     emb, pts = make_inputs(pair, prompts)

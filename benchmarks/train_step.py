@@ -44,7 +44,7 @@ def make_step(pair: Pair, variant: str, emb: torch.Tensor, pts: torch.Tensor, ch
 
 
 def bench_train_step(image_size: int, prompts: int, chunk: int, reps: int, device: str, dtype: str,
-                     mem_prompts: Optional[list] = None, decoder_size: str = "sam",
+                     mem_prompts: Optional[list] = None, decoder_size: str = "mobilesam",
                      ckpt_mem_prompts: Optional[list] = None) -> Dict[str, object]:
     """Time (interleaved, median) and peak memory per prompt of ref / ours (checkpointed per `chunk`
     prompts) / ours without checkpointing. Memory is also measured at the prompt counts in

@@ -17,7 +17,7 @@ from omegaconf import MISSING
 class ModelConfig:
     # Defaults in conf/model/*.yaml (mobilesam.yaml holds the `net` that builds the model).
     name: str = MISSING
-    size: str = MISSING  # full: MobileSAM's TinyViT-5M + SAM decoder; small; tiny: a small test model
+    size: str = MISSING  # mobilesam: TinyViT-5M + SAM decoder; small; tiny: a small test model (the model= names)
     image_size: int = MISSING
     checkpoint: Optional[str] = MISSING  # mobile_sam.pt, our best.pt or last.ckpt
     multimask_output: bool = MISSING  # 3 candidates per prompt (tokens 1-3) or 1 (token 0)

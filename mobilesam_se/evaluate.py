@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mobilesam_se.config import DatasetConfig, ModelConfig, PathsConfig
 from mobilesam_se.errors import UserError, report_user_errors
-from mobilesam_se.setup import register_resolvers
+from mobilesam_se.assembly import register_resolvers
 
 log = logging.getLogger("evaluate")
 
@@ -96,10 +96,10 @@ def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -
     from hydra.utils import instantiate
 
     from mobilesam_se.precision import resolve_autocast, resolve_device
-    from mobilesam_se.evaluation.everything import evaluate_everything
+    from mobilesam_se.evaluation.evaluator import evaluate_everything
     from mobilesam_se.models.build import build_from_checkpoint
     from mobilesam_se.overrides import command_line_overrides, typed_keys, typed_model_keys
-    from mobilesam_se.setup import seed_everything
+    from mobilesam_se.assembly import seed_rngs
     from mobilesam_se.weights import resolve
 
     overrides = command_line_overrides() if overrides is None else list(overrides)
@@ -110,7 +110,7 @@ def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -
                         "allow_random=true evaluates a randomly initialised model")
     if cfg.split not in ("val", "train"):
         raise UserError(f"split must be val or train, got split={cfg.split}")
-    from mobilesam_se.setup import resolve_val_split
+    from mobilesam_se.assembly import resolve_val_split
 
     val_is_train = resolve_val_split(cfg) if cfg.split == "val" else False
     ds_cfg = cfg.dataset.get(cfg.split)
@@ -118,7 +118,7 @@ def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -
         raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split (set split=train or another dataset=)")
     checkpoint = resolve(checkpoint, cfg.paths.weights_dir) if checkpoint else None
 
-    seed_everything(cfg.seed)
+    seed_rngs(cfg.seed)
     device = resolve_device(cfg.device)
     # Before the dataset: it is read at the image size of the model the checkpoint describes.
     model = build_from_checkpoint(checkpoint, cfg, typed_model_keys(overrides))

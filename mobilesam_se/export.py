@@ -211,7 +211,7 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> Path:
     model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval()
     out = Path(cfg.out)
     if fmt == "mobile_sam":
-        if cfg.model.size != "full" or int(cfg.model.image_size) != OFFICIAL_IMAGE_SIZE:
+        if cfg.model.size != "mobilesam" or int(cfg.model.image_size) != OFFICIAL_IMAGE_SIZE:
             print(f"note: the official code builds the full model at {OFFICIAL_IMAGE_SIZE} px; this file "
                   f"(model.size={cfg.model.size}, {cfg.model.image_size} px) loads there only if it matches; "
                   "mobilesam_se reads its .model.yaml", file=sys.stderr)

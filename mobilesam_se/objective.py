@@ -13,6 +13,9 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from mobilesam_se.data.sample import Batch
+from mobilesam_se.matching import MatchResult
+from mobilesam_se.models.mask_decoder import DecoderOutput
 from mobilesam_se.precision import autocast
 from mobilesam_se.prompts import subsample_prompts
 
@@ -29,8 +32,8 @@ class EverythingOutput:
     pixels: Tensor
     points: Tensor  # (B, P, 2) the prompts decoded, in the model's input frame
     lowres_points: Tensor  # the same in the frame of the low-res logits
-    outputs: Dict[str, Any]  # the model's forward output (masks, iou_pred, embeddings, ...)
-    matches: List[Any]  # per image, indices into `targets`
+    outputs: DecoderOutput  # the model's forward output (masks, iou_pred, embeddings, ...)
+    matches: List[MatchResult]  # per image, indices into `targets`
     targets: List[Tensor]  # per image, the visible low-res ground truth
 
 
@@ -41,15 +44,13 @@ def select_prompts(points: Tensor, k: Optional[int], generator: torch.Generator)
     return torch.stack([p[subsample_prompts(p.shape[0], k, generator).to(p.device)] for p in points])
 
 
-def _visible_targets(masks_lowres: Tensor, device: torch.device) -> Tensor:
+def _visible_targets(masks_lowres: Tensor) -> Tensor:
     """Objects too small to cover a low-res cell cannot be matched (the dataset made them ignore regions)."""
-    masks_lowres = masks_lowres.to(device, non_blocking=True)
     return masks_lowres[masks_lowres.flatten(1).any(1)]
 
 
-def _ignore(batch: Dict[str, Any], b: int, device: torch.device) -> Optional[Tensor]:
-    ignore = batch.get("ignore_lowres")
-    return None if ignore is None or ignore[b] is None else ignore[b].to(device)
+def _ignore(batch: Batch, b: int) -> Optional[Tensor]:
+    return batch.ignore_lowres[b] if b < len(batch.ignore_lowres) else None
 
 
 class SegmentEverythingObjective(nn.Module):
@@ -96,31 +97,33 @@ class SegmentEverythingObjective(nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def everything(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None,
+    def everything(self, batch: Batch, generator: Optional[torch.Generator] = None,
                    return_features: bool = False, record_attention: bool = False) -> EverythingOutput:
         """Encode each image once, decode its grid (each point its own prompt), match and score every candidate."""
         device = self.device
-        pixels = batch["image"].to(device, non_blocking=True)
-        points = select_prompts(batch["points"], self.prompts_per_step, generator or torch.Generator()).to(device)
+        batch = batch.to(device, non_blocking=True)  # a no-op for a batch `forward` has moved
+        pixels = batch.image
+        points = select_prompts(batch.points, self.prompts_per_step, generator or torch.Generator())
         with autocast(device, self.autocast_dtype):
             out = self.model(
                 pixels, points, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
                 return_features=return_features, record_attention=record_attention,
             )
-        targets = [_visible_targets(batch["masks_lowres"][b], device) for b in range(pixels.shape[0])]
+        targets = [_visible_targets(batch.masks_lowres[b]) for b in range(len(batch))]
         lowres_points = self.model.lowres_coords(points)  # the logits' frame (4x coarser than the input)
         res = self.criterion.batch_forward([
-            (out["masks"][b].float(), out["iou_pred"][b].float(), targets[b], lowres_points[b], _ignore(batch, b, device))
-            for b in range(pixels.shape[0])
+            (out.masks[b].float(), out.iou_pred[b].float(), targets[b], lowres_points[b], _ignore(batch, b))
+            for b in range(len(batch))
         ])
-        terms = {k: v for k, v in res.items() if isinstance(v, Tensor) and v.dim() == 0}
-        for k in ("num_fg", "num_gt", "mean_matched_iou"):
-            terms[k] = torch.as_tensor(float(res[k]))
+        terms = dict(res.terms)
+        terms.update({k: torch.as_tensor(float(getattr(res, k))) for k in ("num_fg", "num_gt", "mean_matched_iou")})
         return EverythingOutput(terms=terms, pixels=pixels, points=points, lowres_points=lowres_points, outputs=out,
-                                matches=res["matches"], targets=targets)
+                                matches=res.matches, targets=targets)
 
-    def forward(self, batch: Dict[str, Any], generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
+    def forward(self, batch: Batch, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
         device = self.device
+        # Once for every part: they all see the same tensors (the distiller recognises the batch's image).
+        batch = batch.to(device, non_blocking=True)
         generator = generator if generator is not None else torch.Generator()
         distiller = self.distiller
         terms: Dict[str, Tensor] = {}
@@ -135,7 +138,7 @@ class SegmentEverythingObjective(nn.Module):
             terms.update(grid.terms)
         if self.prompted is not None:
             # Single mode encodes here; mixed mode reuses the grid's embeddings (still on the graph).
-            embeddings = grid.outputs.get("embeddings") if grid is not None else None
+            embeddings = grid.outputs.embeddings if grid is not None else None
             extra = self.prompted(self.model, batch, embeddings, device, self.autocast_dtype, generator)
             terms["loss"] = terms["loss"] + extra["loss"] if "loss" in terms else extra["loss"]
             terms.update({k: v for k, v in extra.items() if k != "loss"})

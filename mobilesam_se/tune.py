@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mobilesam_se.config import DatasetConfig, ModelConfig, PathsConfig
 from mobilesam_se.errors import UserError, report_user_errors
-from mobilesam_se.setup import register_resolvers
+from mobilesam_se.assembly import register_resolvers
 
 log = logging.getLogger("tune")
 
@@ -62,7 +62,7 @@ def load_for_tuning(cfg: DictConfig, overrides: Optional[Sequence[str]] = None):
 
     from mobilesam_se.models.build import build_from_checkpoint
     from mobilesam_se.overrides import command_line_overrides, typed_model_keys
-    from mobilesam_se.setup import resolve_val_split, seed_everything
+    from mobilesam_se.assembly import resolve_val_split, seed_rngs
 
     if not cfg.checkpoint:
         raise UserError("checkpoint=<file or name> is required (mobile_sam, mobile_sam.pt, best.pt or last.ckpt)")
@@ -71,7 +71,7 @@ def load_for_tuning(cfg: DictConfig, overrides: Optional[Sequence[str]] = None):
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
         raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split")
-    seed_everything(cfg.seed)
+    seed_rngs(cfg.seed)
     overrides = command_line_overrides() if overrides is None else list(overrides)
     # Before the dataset: it is read at the image size of the model the checkpoint describes.
     model = build_from_checkpoint(resolve_checkpoint(cfg), cfg, typed_model_keys(overrides))

@@ -104,10 +104,6 @@ def weights_dir(override: Optional[str] = None) -> Path:
     return Path(torch_home).expanduser() / "mobilesam_se"
 
 
-def is_name(value: object) -> bool:
-    return isinstance(value, str) and value in table()
-
-
 def fetch_command(names: Iterable[str], root: Optional[str] = None) -> str:
     extra = f" --dir {root}" if root else ""
     return f"python -m mobilesam_se.weights fetch {' '.join(names)}{extra}"

@@ -12,7 +12,7 @@ from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine.freeze import estimate_batchnorm_stats
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import load_model_weights
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 
 pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py

@@ -74,7 +74,7 @@ def test_run_all_quick_reports_every_figure(tmp_path):
     assert _positive(tp["forward_images_per_s"]) and _positive(tp["train_images_per_s"])
 
 
-@pytest.mark.parametrize("size", ["tiny", "sam"])
+@pytest.mark.parametrize("size", ["tiny", "mobilesam"])
 def test_decoder_runs_under_cpu_bf16_autocast(size):
     pair = build_pair(128, size)
     emb, pts = make_inputs(pair, 4)

@@ -33,8 +33,8 @@ def test_loss_ignores_background_candidates_inside_the_ignore_region():
     with_ignore = loss(logits, pred_iou, gt, ignore_lowres=ignore)
     without = loss(logits, pred_iou, gt)
     # without the ignore region the second candidate is background and its confident score is punished
-    assert without["cls"] > with_ignore["cls"] + 1.0
-    with_ignore["loss"].backward()
+    assert without.terms["cls"] > with_ignore.terms["cls"] + 1.0
+    with_ignore.terms["loss"].backward()
     assert pred_iou.grad[1, 0] == 0 and pred_iou.grad[0, 0] != 0
 
 

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> Path:
     """checkpoints/ of a real tiny training run (best.pt, best.model.yaml, last.ckpt)."""
-    from mobilesam_se.setup import build_run
+    from mobilesam_se.assembly import build_run
 
     out = tmp_path_factory.mktemp("described") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -89,7 +89,7 @@ def test_training_describes_best_pt_beside_it_and_last_ckpt_inside(ckpts):
 
 def test_python_gets_the_described_model_whatever_the_config_says(ckpts):
     cfg = compose_cli("segment", [])
-    assert (cfg.model.size, cfg.model.image_size) == ("full", 256)  # the segment CLI's default model
+    assert (cfg.model.size, cfg.model.image_size) == ("mobilesam", 256)  # the segment CLI's default model
     model = build_from_checkpoint(ckpts / "best.pt", cfg)
     assert model.image_size == 128 and model.prompt_encoder.embed_dim == 32  # tiny at 128 px
 
@@ -164,7 +164,7 @@ def test_official_file_is_recognised_and_runs_at_1024(tmp_path):
     cfg = compose_cli("evaluate", [f"checkpoint={path}"])
     assert cfg.model.image_size == 256
     model = build_from_checkpoint(path, cfg)
-    assert (cfg.model.name, cfg.model.size, cfg.model.image_size, model.image_size) == ("mobilesam", "full", 1024, 1024)
+    assert (cfg.model.name, cfg.model.size, cfg.model.image_size, model.image_size) == ("mobilesam", "mobilesam", 1024, 1024)
     assert cfg.dataset.val.image_size == 1024
     typed = compose_cli("evaluate", [f"checkpoint={path}", "model.image_size=512"])
     assert build_from_checkpoint(path, typed, {"image_size"}).image_size == 512  # typed: wins, nothing to disagree with
@@ -181,12 +181,24 @@ def test_bare_tiny_file_is_recognised_at_the_configured_size(tmp_path):
     assert (cfg.model.name, cfg.model.size, cfg.model.image_size, model.image_size) == ("tiny", "tiny", 256, 256)
 
 
+def test_description_from_before_the_size_rename_loads(tmp_path):
+    """Files described before model.size took the model= names say size: full for mobilesam."""
+    path = tmp_path / "best.pt"
+    old = compose_cfg(["model.image_size=128"]).model
+    old.size = old.net.size = "full"
+    export_official(build_mobilesam(128, size="mobilesam"), path, old)
+    assert yaml.safe_load(description_path(path).read_text())["model"]["size"] == "full"
+    cfg = compose_cli("segment", [])
+    model = build_from_checkpoint(path, cfg)
+    assert (cfg.model.size, cfg.model.net.size, model.image_size) == ("mobilesam", "mobilesam", 128)
+
+
 def test_unknown_architecture_and_broken_description_name_the_file(tmp_path):
     sd = official_state_dict(build_mobilesam(128, size="tiny"))
     sd.pop(next(k for k in sd if k.startswith("mask_decoder.")))
     odd = tmp_path / "odd.pt"
     torch.save(sd, odd)
-    with pytest.raises(CheckpointError, match=r"odd\.pt is no MobileSAM of a known size \(full: \d+ keys"):
+    with pytest.raises(CheckpointError, match=r"odd\.pt is no MobileSAM of a known size \(mobilesam: \d+ keys"):
         build_from_checkpoint(odd, compose_cli("segment", []))
     good = tmp_path / "good.pt"
     export_official(build_mobilesam(128, size="tiny"), good)
@@ -206,7 +218,7 @@ def test_typed_image_size_wins_with_a_warning(ckpts, caplog):
     assert warned == [f"model.image_size=256 (typed) overrides 128 recorded for {ckpts / 'best.pt'} (best.model.yaml)"]
 
 
-@pytest.mark.parametrize("flag,named", [("model=small", "model=small"), ("model.size=full", "model.size=full")])
+@pytest.mark.parametrize("flag,named", [("model=small", "model=small"), ("model.size=mobilesam", "model.size=mobilesam")])
 def test_typed_architecture_that_does_not_fit_is_an_error(ckpts, flag, named):
     cfg = compose_cli("evaluate", [flag])
     expected = rf"{named} does not fit checkpoint .*best\.pt: it is a model\.size=tiny model"

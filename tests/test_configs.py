@@ -86,7 +86,7 @@ def test_coco_sample_dataset_instantiates(monkeypatch):
 
 def test_experiment_seed_everything():
     cfg = compose_cfg(["experiment=seed_everything"])
-    assert cfg.model.size == "full" and cfg.model.image_size == 1024 and cfg.dataset.grid_points == 32
+    assert cfg.model.size == "mobilesam" and cfg.model.image_size == 1024 and cfg.dataset.grid_points == 32
     assert cfg.model.multimask_output is True
     assert (cfg.loss.w_bce, cfg.loss.w_focal, cfg.loss.w_dice, cfg.loss.w_iou, cfg.loss.w_cls) == (1, 15, 1, 1, 1)
     assert cfg.trainer.lr == 1e-5 and cfg.trainer.warmup_steps == 250 and cfg.trainer.max_epochs == 300

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mobilesam_se.data import (
+    Batch,
     FolderDataset,
     SyntheticDataset,
     collate_samples,
@@ -94,13 +95,22 @@ def test_largest_indices_ties_and_no_cap():
 def test_collate_stacks_fixed_fields_and_lists_the_rest(tmp_path):
     ds = SyntheticDataset(root=tmp_path, num_images=3, image_hw=(48, 64), image_size=64, grid_points=4)
     batch = next(iter(DataLoader(ds, batch_size=3, collate_fn=collate_samples)))
-    assert batch["image"].shape == (3, 3, 64, 64) and batch["points"].shape == (3, 16, 2)
+    assert isinstance(batch, Batch) and len(batch) == 3
+    assert batch.image.shape == (3, 3, 64, 64) and batch.points.shape == (3, 16, 2)
     ks = [ds[i].num_masks for i in range(3)]
-    assert [m.shape[0] for m in batch["masks"]] == ks and [m.shape[0] for m in batch["masks_lowres"]] == ks
-    assert batch["image_id"] == ds.ids and len(batch["orig_size"]) == 3
-    assert batch["orig_size"][0] == tuple(batch["masks"][0].shape[1:])
+    assert [m.shape[0] for m in batch.masks] == ks and [m.shape[0] for m in batch.masks_lowres] == ks
+    assert batch.image_id == ds.ids and len(batch.orig_size) == 3
+    assert batch.orig_size[0] == tuple(batch.masks[0].shape[1:])
     with pytest.raises(ValueError):
         collate_samples([])
+
+    # .to moves what a training step reads; the full-resolution masks stay; on its device a tensor is kept.
+    moved = batch.to(torch.device("meta"))
+    assert {t.device.type for t in [moved.image, moved.points, *moved.masks_lowres]} == {"meta"}
+    assert all(m.device.type == "cpu" for m in moved.masks) and moved.image_id == batch.image_id
+    assert batch.image.device.type == "cpu"  # a copy: the batch itself is untouched
+    same = batch.to(torch.device("cpu"))
+    assert same.image is batch.image and same.masks_lowres[0] is batch.masks_lowres[0]
 
 
 def test_option_checks(tmp_path):

@@ -19,7 +19,7 @@ from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine.distributed import detect_launch, port_from_job_id
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import official_state_dict, read_checkpoint
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.losses import everything_loss
 from helpers.hydra_utils import compose_cfg
+from helpers.losses import everything_loss
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.distill import build_distiller
 from mobilesam_se.distill.cache import main as cache_main, precompute
 from mobilesam_se.distill.embedding_cache import EmbeddingCache
@@ -20,10 +21,10 @@ from mobilesam_se.models import teachers as teachers_mod
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import CheckpointError, official_state_dict
 from mobilesam_se.models.mask_decoder import DecoderOutput
-from mobilesam_se.models.sam_vit import SAM_VIT_CONFIGS, load_sam_vit_encoder
+from mobilesam_se.models.sam_vit import SAM_VIT_CONFIGS
 from mobilesam_se.models.teachers import TeacherSpec, build_sam_vit_teacher, build_teacher_model, freeze_teacher
 from mobilesam_se.prompts import grid_points_for_model
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 S = 128  # image size: 8x8 embeddings, 32x32 low-res masks
 CPU = torch.device("cpu")
@@ -59,14 +60,14 @@ def make_batch(B=1, files=None, seed=0):
         m[1, 18:30, 4:20] = True
         m[2, 4:12, 20:30] = True
         masks.append(m)
-    return {
-        "image": torch.randn(B, 3, S, S, generator=g),
-        "points": grid_points_for_model(4, (S, S), S)[None].repeat(B, 1, 1),
-        "masks_lowres": masks,
-        "input_size": [(S, S)] * B,
-        "file_name": list(files) if files else [""] * B,
-        "image_id": [str(b) for b in range(B)],
-    }
+    return Batch(
+        image=torch.randn(B, 3, S, S, generator=g),
+        points=grid_points_for_model(4, (S, S), S)[None].repeat(B, 1, 1),
+        masks_lowres=masks,
+        input_size=[(S, S)] * B,
+        file_name=list(files) if files else [""] * B,
+        image_id=[str(b) for b in range(B)],
+    )
 
 
 def step(model, batch, multimask=True, features=True, attention=True):
@@ -196,16 +197,15 @@ def test_sam_checkpoint_loads_strictly_through_the_sam_vit_mapping(tmp_path, mon
     # A SAM-layout checkpoint (1024 px, image_encoder.* in SAM's names) of a tiny ViT, as sam_vit_b.
     monkeypatch.setitem(teachers_mod.SAM_VIT_CONFIGS, "vit_b", SAM_VIT_CONFIGS["tiny"])
     torch.manual_seed(0)
-    ref = build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam")
+    ref = build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam")
     sd = official_state_dict(ref)
     assert "image_encoder.blocks.0.mlp.lin1.weight" in sd and "mask_decoder.iou_token.weight" in sd
     path = tmp_path / "sam_vit_b_tiny.pth"
     torch.save(sd, path)
     teacher = build_teacher_model(TeacherSpec("b", "sam_vit_b", str(path)), S)
-    enc = load_sam_vit_encoder("tiny", path, img_size=S)
     x = torch.randn(1, 3, S, S)
-    with torch.no_grad():
-        assert torch.allclose(teacher.encode(x), enc(x), atol=1e-5)
+    with torch.no_grad():  # loaded at S = what the 1024-px encoder computes on an S input (timm resamples)
+        assert torch.allclose(teacher.encode(x), ref.eval().image_encoder(x), atol=1e-5)
     for k, v in ref.mask_decoder.state_dict().items():
         assert torch.equal(teacher.mask_decoder.state_dict()[k], v)
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
@@ -301,10 +301,10 @@ def test_cached_embeddings_skip_the_encoder_and_match_a_live_run(tmp_path):
     cached_d(batch, res)
     assert calls == [2, 1]
     # Another teacher / image size / preprocessing is another key.
-    key = cache.key(files[0], batch["image"][0])
+    key = cache.key(files[0], batch.image[0])
     assert cache.load(key) is not None
     other = EmbeddingCache(tmp_path / "cache", "t", "tiny:seed=1:dim=32", S)
-    assert other.load(other.key(files[0], batch["image"][0])) is None
+    assert other.load(other.key(files[0], batch.image[0])) is None
     assert EmbeddingCache(tmp_path / "cache", "t", "tiny:seed=0:dim=32", 256).load(key | {"image_size": 256}) is None
     assert cache.load(key | {"preprocess": "v0"}) is None
 
@@ -355,18 +355,18 @@ def test_replace_gt_targets_from_a_hand_made_teacher():
     gt = torch.zeros(2, side, side, dtype=torch.bool)
     gt[0, :half, :half] = True  # the top-left quadrant, annotated
     gt[1, 20:24, 20:24] = True  # a small object no teacher mask matches
-    batch["masks_lowres"] = [gt]
+    batch.masks_lowres = [gt]
     d = Distiller([Teacher(TeacherSpec("q", "tiny"), QuadrantTeacher())], {"encoder_patch": TERM_KW["encoder_patch"]},
                   PlateauLambda(1.0), mask_teacher=MaskTeacherSettings("replace_gt", None, 0.5, 0.88, 0.7))
     out = d.prepare_targets(batch, CPU)
-    targets = out["masks_lowres"][0]
+    targets = out.masks_lowres[0]
     # GT (2) + the 3 other quadrants + the whole image (IoU 0.25 with the GT quadrant); the speck is
     # filtered by predicted IoU, the 4 prompts per quadrant collapse to one mask by NMS.
     assert targets.shape == (6, side, side)
     assert torch.equal(targets[:2], gt)
     areas = sorted(int(m.sum()) for m in targets[2:])
     assert areas == [half * half] * 3 + [side * side]
-    assert out["image"] is batch["image"] and batch["masks_lowres"][0] is gt  # the input batch is untouched
+    assert out.image is batch.image and batch.masks_lowres[0] is gt  # the input batch is untouched
     assert d._target_stats == {"replaced": 1.0, "added": 4.0, "duplicates": 0.0}
 
 

@@ -119,9 +119,9 @@ def world(tmp_path_factory) -> Iterator[Dict[str, str]]:
     wdir.mkdir()
     for cfg_name in ("vit_h", "vit_b"):
         mp.setitem(teachers_mod.SAM_VIT_CONFIGS, cfg_name, SAM_VIT_CONFIGS["tiny"])
-    files = {"mobile_sam": official_state_dict(build_mobilesam(1024, "full")),
-             "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam")),
-             "sam_vit_b": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam"))}
+    files = {"mobile_sam": official_state_dict(build_mobilesam(1024, "mobilesam")),
+             "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam")),
+             "sam_vit_b": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam"))}
     table = {}
     for name, sd in files.items():
         entry = weights.OFFICIAL[name]
@@ -159,7 +159,7 @@ def _substitute(words: List[str], world: Dict[str, str]) -> List[str]:
 
 
 def _run_train(args: List[str], world: Dict[str, str], label: str) -> None:
-    from mobilesam_se.setup import build_run
+    from mobilesam_se.assembly import build_run
 
     out_dir = Path(world["_tmp"]) / "runs" / re.sub(r"\W", "_", label)
     args = [a for a in args if not a.startswith("hydra.run.dir=")]  # the run directory: ours

@@ -8,13 +8,12 @@ import torch
 
 from mobilesam_se.evaluation.calibration import (
     best_match_iou,
-    expected_calibration_error,
     plot_reliability,
     reliability,
     survival,
 )
 from mobilesam_se.evaluation.coco_eval import CocoMaskEval, encode_masks
-from mobilesam_se.evaluation.everything import EverythingEvaluator, EverythingReport, format_table
+from mobilesam_se.evaluation.evaluator import EverythingEvaluator, EverythingReport, format_table
 
 
 def box_mask(hw, y0, x0, y1, x1):
@@ -106,10 +105,10 @@ def test_hundreds_of_detections_per_image():
 def test_ece_constructed_cases():
     rng = np.random.default_rng(0)
     true = rng.uniform(0, 1, 1000)
-    assert expected_calibration_error(true, true) == pytest.approx(0.0)
+    assert reliability(true, true)["ece"] == pytest.approx(0.0)
     # a constant offset that keeps each prediction inside the range: ECE = the offset
     t = rng.uniform(0, 0.8, 1000)
-    assert expected_calibration_error(t + 0.1, t) == pytest.approx(0.1)
+    assert reliability(t + 0.1, t)["ece"] == pytest.approx(0.1)
     # hand-computed: bin [0.9,1]: preds .95,.95 true .5,.7 -> |.95-.6| = .35; bin [0.1,0.2): .15 vs .15
     rel = reliability([0.95, 0.95, 0.15, 0.15], [0.5, 0.7, 0.1, 0.2], bins=10)
     assert rel["ece"] == pytest.approx(0.5 * 0.35)

@@ -14,10 +14,10 @@ from helpers.hydra_utils import compose_cfg
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.data.synthetic import SyntheticDataset
 from mobilesam_se.evaluation.validation import validate
-from mobilesam_se.evaluation.everything import evaluate_everything
+from mobilesam_se.evaluation.evaluator import evaluate_everything
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import export_official
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_DATA = ["dataset.val.num_images=2", "dataset.val.image_hw=[96,128]", "dataset.grid_points=4"]

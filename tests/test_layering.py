@@ -20,7 +20,7 @@ LAYERS: List[Tuple[str, ...]] = [
     ("evaluation",),
     ("engine",),
     # Entry points: they assemble the parts.
-    ("setup", "config", "loggers", "segment", "evaluate", "export", "tune",
+    ("assembly", "config", "loggers", "segment", "evaluate", "export", "tune",
      "distill.cache", "overrides"),
 ]
 

@@ -111,24 +111,26 @@ def scene():
 def test_everything_terms_and_weighted_sum():
     logits, pred_iou, gt = scene()
     weights = dict(w_bce=2.0, w_focal=3.0, w_dice=0.5, w_iou=4.0, w_cls=0.25)
-    out = everything_loss(**weights, cls_term="recipe")(logits, pred_iou, gt)  # every non-fg candidate a negative
+    out = everything_loss(**weights, cls_term="recipe")(logits, pred_iou, gt)
     fg_logits, fg_t = logits[[0, 2], 0], gt.float()
-    assert out["bce"].item() == pytest.approx(sigmoid_bce(fg_logits, fg_t).item(), rel=1e-6)
-    assert out["focal"].item() == pytest.approx(sigmoid_focal(fg_logits, fg_t).item(), rel=1e-6)
-    assert out["dice"].item() == pytest.approx(dice_loss(fg_logits, fg_t).item(), rel=1e-6)
+    assert out.terms["bce"].item() == pytest.approx(sigmoid_bce(fg_logits, fg_t).item(), rel=1e-6)
+    assert out.terms["focal"].item() == pytest.approx(sigmoid_focal(fg_logits, fg_t).item(), rel=1e-6)
+    assert out.terms["dice"].item() == pytest.approx(dice_loss(fg_logits, fg_t).item(), rel=1e-6)
     # IoU targets [1, 0.8 (unassigned -> best), 1].
-    assert out["iou"].item() == pytest.approx((0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 3, rel=1e-5)
+    assert out.terms["iou"].item() == pytest.approx((0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 3, rel=1e-5)
     # cls labels [1, 0, 1].
-    assert out["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
-    total = sum(weights["w_" + k] * out[k].item() for k in ("bce", "focal", "dice", "iou", "cls"))
-    assert out["loss"].item() == pytest.approx(total, rel=1e-6)
-    assert out["num_fg"] == 2 and out["num_gt"] == 2 and out["mean_matched_iou"] == pytest.approx(1.0)
-    assert out["match"].fg.tolist() == [True, False, True]
+    assert out.terms["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
+    total = sum(weights["w_" + k] * out.terms[k].item() for k in ("bce", "focal", "dice", "iou", "cls"))
+    assert out.terms["loss"].item() == pytest.approx(total, rel=1e-6)
+    assert out.num_fg == 2 and out.num_gt == 2 and out.mean_matched_iou == pytest.approx(1.0)
+    assert out.matches[0].fg.tolist() == [True, False, True]
+    assert set(out.terms) == {"loss", "bce", "focal", "dice", "iou", "cls"}  # tensors only
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.terms.values())
 
 
 def test_mask_gradients_reach_only_fg_candidates():
     logits, pred_iou, gt = scene()
-    everything_loss()(logits, pred_iou, gt)["loss"].backward()
+    everything_loss()(logits, pred_iou, gt).terms["loss"].backward()
     per_cand = logits.grad.abs().flatten(1).sum(1)
     assert per_cand[0] > 0 and per_cand[2] > 0 and per_cand[1] == 0
     assert (pred_iou.grad != 0).all()  # IoU terms cover every candidate
@@ -140,8 +142,8 @@ def test_iou_target_assigned_vs_best():
     gt = strip((0, 10), (10, 20), w=20)
     logits = torch.where(strip((4, 13), (0, 10), w=20), 1.0, -1.0).reshape(2, 1, 1, 20)
     pred_iou = torch.zeros(2, 1)
-    assigned = everything_loss(iou_target="assigned")(logits, pred_iou, gt)["iou"].item()
-    best = everything_loss(iou_target="best")(logits, pred_iou, gt)["iou"].item()
+    assigned = everything_loss(iou_target="assigned")(logits, pred_iou, gt).terms["iou"].item()
+    best = everything_loss(iou_target="best")(logits, pred_iou, gt).terms["iou"].item()
     assert assigned == pytest.approx(((3 / 16) ** 2 + 1) / 2, rel=1e-5)
     assert best == pytest.approx(((6 / 13) ** 2 + 1) / 2, rel=1e-5)
     with pytest.raises(ValueError):
@@ -153,11 +155,11 @@ def test_no_gt_zero_mask_terms_with_graph():
     pred_iou = torch.full((2, 3), 0.2, requires_grad=True)
     out = everything_loss(cls_term="recipe")(logits, pred_iou, torch.zeros(0, 4, 4, dtype=torch.bool))
     for k in ("bce", "focal", "dice"):
-        assert out[k].item() == 0.0
-    assert out["iou"].item() == pytest.approx(0.04, rel=1e-5)  # all targets 0
-    assert out["cls"].item() == pytest.approx(-math.log(0.8), rel=1e-5)  # all labels 0
-    assert out["num_fg"] == 0 and out["mean_matched_iou"] == 0.0
-    out["loss"].backward()
+        assert out.terms[k].item() == 0.0
+    assert out.terms["iou"].item() == pytest.approx(0.04, rel=1e-5)  # all targets 0
+    assert out.terms["cls"].item() == pytest.approx(-math.log(0.8), rel=1e-5)  # all labels 0
+    assert out.num_fg == 0 and out.mean_matched_iou == 0.0
+    out.terms["loss"].backward()
     assert logits.grad is not None and not logits.grad.any()
 
 
@@ -166,8 +168,8 @@ def test_point_options_reach_the_matcher():
     gt = strip((0, 5))
     logits = torch.where(strip((4, 6)), 1.0, -1.0).reshape(1, 1, 1, W)
     pts = torch.tensor([[2.0, 0.0]])
-    assert everything_loss()(logits, torch.zeros(1, 1), gt, pts)["num_fg"] == 0
-    assert everything_loss(point_fg=True)(logits, torch.zeros(1, 1), gt, pts)["num_fg"] == 1
+    assert everything_loss()(logits, torch.zeros(1, 1), gt, pts).num_fg == 0
+    assert everything_loss(point_fg=True)(logits, torch.zeros(1, 1), gt, pts).num_fg == 1
 
 
 def test_batch_forward_means_over_images():
@@ -177,10 +179,10 @@ def test_batch_forward_means_over_images():
     out = crit.batch_forward([a, dict(logits=b[0], pred_iou=b[1], gt_lowres=b[2], points_lowres=None)])
     ra, rb = crit(*a), crit(*b)
     for k in ("loss", "bce", "focal", "dice", "iou", "cls"):
-        assert out[k].item() == pytest.approx((ra[k].item() + rb[k].item()) / 2, rel=1e-6)
-    assert out["num_fg"] == 2 and out["num_gt"] == 2 and len(out["matches"]) == 2
-    total = sum(crit.weights[k] * out[k].item() for k in ("bce", "focal", "dice", "iou", "cls"))
-    assert out["loss"].item() == pytest.approx(total, rel=1e-6)
+        assert out.terms[k].item() == pytest.approx((ra.terms[k].item() + rb.terms[k].item()) / 2, rel=1e-6)
+    assert out.num_fg == 2 and out.num_gt == 2 and len(out.matches) == 2
+    total = sum(crit.weights[k] * out.terms[k].item() for k in ("bce", "focal", "dice", "iou", "cls"))
+    assert out.terms["loss"].item() == pytest.approx(total, rel=1e-6)
     with pytest.raises(ValueError):
         crit.batch_forward([])
 
@@ -200,7 +202,7 @@ def test_point_supervision_picks_best_candidate_of_each_prompt_inside_an_object(
     # with point supervision the mask terms see these pairs even when Hungarian pairs are few
     on = loss(logits.clone().requires_grad_(True), torch.zeros(3, 2), gt, points)
     off = everything_loss(point_supervision=False)(logits, torch.zeros(3, 2), gt, points)
-    assert on["dice"] < 0.05 and off["dice"] < 0.05  # both exact here; now break prompt 1's mask
+    assert on.terms["dice"] < 0.05 and off.terms["dice"] < 0.05  # both exact here; now break prompt 1's mask
     bad = logits.clone()
     bad[1, 0] = -4.0
     bad[1, 1, :, 4:] = 4.0  # candidate 1 of prompt 1 becomes B: still the best of that prompt
@@ -218,17 +220,17 @@ def test_zero_iou_filler_assignment_keeps_the_real_iou_target():
     pred_iou = torch.zeros(3, 1)
     loss = everything_loss(iou_target="assigned")
     out = loss(logits, pred_iou, gt)
-    assert out["match"].pred_idx.tolist() == [0, 1, 2]  # c1 really is assigned (to C, at IoU 0)
-    assert out["iou"].item() == pytest.approx((1 + 0.8 ** 2 + 1) / 3, rel=1e-5)
-    strict = everything_loss(iou_target="assigned_zero")(logits, pred_iou, gt)["iou"].item()
+    assert out.matches[0].pred_idx.tolist() == [0, 1, 2]  # c1 really is assigned (to C, at IoU 0)
+    assert out.terms["iou"].item() == pytest.approx((1 + 0.8 ** 2 + 1) / 3, rel=1e-5)
+    strict = everything_loss(iou_target="assigned_zero")(logits, pred_iou, gt).terms["iou"].item()
     assert strict == pytest.approx((1 + 0 + 1) / 3, rel=1e-5)
 
 
 def test_iou_over_selects_the_candidates_of_the_mse():
     logits, pred_iou, gt = scene()  # targets [1, 0.8, 1], predictions [0.9, 0.5, 0.7]; fg = c0, c2
-    fg = everything_loss(iou_over="fg")(logits, pred_iou, gt)["iou"].item()
+    fg = everything_loss(iou_over="fg")(logits, pred_iou, gt).terms["iou"].item()
     assert fg == pytest.approx((0.1 ** 2 + 0.3 ** 2) / 2, rel=1e-5)
-    everyone = everything_loss(iou_over="all")(logits, pred_iou, gt)["iou"].item()
+    everyone = everything_loss(iou_over="all")(logits, pred_iou, gt).terms["iou"].item()
     assert everyone == pytest.approx((0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 3, rel=1e-5)
     with pytest.raises(ValueError, match="loss.iou_over"):
         everything_loss(iou_over="some")
@@ -236,12 +238,12 @@ def test_iou_over_selects_the_candidates_of_the_mse():
 
 def test_cls_without_duplicate_negatives():
     logits, pred_iou, gt = scene()  # c1 is background but a good duplicate of A (IoU 0.8)
-    recipe = everything_loss(cls_term="recipe")(logits, pred_iou, gt)["cls"].item()
+    recipe = everything_loss(cls_term="recipe")(logits, pred_iou, gt).terms["cls"].item()
     assert recipe == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
     no_dup = everything_loss(cls_term="no_duplicates")
     out = no_dup(logits, pred_iou, gt)
-    assert out["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.7)) / 2, rel=1e-5)
-    out["loss"].backward()
+    assert out.terms["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.7)) / 2, rel=1e-5)
+    out.terms["loss"].backward()
     # c1 still gets the MSE's gradient toward its real IoU (0.8 > 0.5: pushed up, not down).
     assert pred_iou.grad[1, 0] < 0
 
@@ -249,7 +251,7 @@ def test_cls_without_duplicate_negatives():
 def test_cls_term_off_is_zero_but_keeps_the_graph():
     logits, pred_iou, gt = scene()
     out = everything_loss(cls_term="off")(logits, pred_iou, gt)
-    assert out["cls"].item() == 0.0 and out["cls"].requires_grad
+    assert out.terms["cls"].item() == 0.0 and out.terms["cls"].requires_grad
     with pytest.raises(ValueError, match="loss.cls_term"):
         everything_loss(cls_term="all")
 

@@ -117,7 +117,7 @@ def test_strict_load_names_file_and_keys(weights, tmp_path):
     path = tmp_path / "broken.pt"
     torch.save(sd, path)
     with pytest.raises(CheckpointError) as e:
-        load_model_weights(build_mobilesam(1024, size="full"), path)
+        load_model_weights(build_mobilesam(1024, size="mobilesam"), path)
     msg = str(e.value)
     assert str(path) in msg and "mask_decoder.iou_token.weight" in msg and "mask_decoder.extra.weight" in msg
     with pytest.raises(FileNotFoundError, match="nope.pt"):

@@ -76,18 +76,15 @@ def test_grad_checkpointing_is_a_model_flag_set_from_the_config(monkeypatch):
     real = sam_module.checkpoint
     monkeypatch.setattr(sam_module, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, pts = torch.randn(1, 3, 256, 256), torch.rand(1, 6, 2) * 250
-    on.train()(x, pts, points_per_batch=2)["masks"].sum().backward()
+    on.train()(x, pts, points_per_batch=2).masks.sum().backward()
     assert len(calls) == 3  # one checkpointed piece per 2 prompts
-    # The forward keyword of older callers overrides the flag for that call only.
-    on(x, pts, points_per_batch=2, activation_checkpointing=False)
-    assert len(calls) == 3 and on.grad_checkpointing
     on.set_grad_checkpointing(False)
-    on(x, pts, points_per_batch=2, activation_checkpointing=True)
-    assert len(calls) == 6 and not on.grad_checkpointing
+    on(x, pts, points_per_batch=2)
+    assert len(calls) == 3
     with torch.no_grad():  # nothing to recompute without a graph
         on.set_grad_checkpointing(True)
         on(x, pts, points_per_batch=2)
-    assert len(calls) == 6
+    assert len(calls) == 3
 
 
 def test_layernorm2d_is_timms_with_sams_numerics_and_names(model):

@@ -16,7 +16,7 @@ import torch
 from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine import preemption
 from mobilesam_se.models.checkpoint import official_state_dict, read_checkpoint
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 

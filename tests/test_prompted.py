@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.evaluation.prompted import evaluate_promptable
 from mobilesam_se.models.mask_decoder import DecoderOutput
 from mobilesam_se.prompted import (
@@ -174,7 +175,7 @@ def _count_calls(monkeypatch, model, name):
 
 def test_single_mode_encodes_each_image_once(tiny_model, monkeypatch):
     masks = constructed_masks()
-    batch = {"image": torch.randn(2, 3, S, S), "masks_lowres": [masks, masks[:3]], "input_size": [INPUT_HW, INPUT_HW]}
+    batch = Batch(image=torch.randn(2, 3, S, S), masks_lowres=[masks, masks[:3]], input_size=[INPUT_HW, INPUT_HW])
     loss = PromptedLoss(PromptSampling(prompt_mode="mixed", max_objects=16, negative_points=1), PromptedLossWeights())
     encodes = _count_calls(monkeypatch, tiny_model, "encode")
     decodes = _count_calls(monkeypatch, tiny_model, "decode")
@@ -193,7 +194,7 @@ def test_mixed_mode_reuses_everything_embeddings(tiny_model, monkeypatch):
     masks = constructed_masks()
     pixels = torch.randn(1, 3, S, S)
     embeddings = tiny_model.encode(pixels)
-    batch = {"image": pixels, "masks_lowres": [masks], "input_size": [INPUT_HW]}
+    batch = Batch(image=pixels, masks_lowres=[masks], input_size=[INPUT_HW])
     encodes = _count_calls(monkeypatch, tiny_model, "encode")
     plain = PromptedLoss(PromptSampling(), PromptedLossWeights())
     weighted = PromptedLoss(PromptSampling(), PromptedLossWeights(), weight=0.25)
@@ -276,8 +277,8 @@ def test_evaluate_promptable_selection_rules_and_clicks():
     # upsampling rounds the rectangles' corners), so that candidate is exact.
     full = postprocess_masks(torch.where(lowres, 10.0, -10.0), (64, 64), (64, 64), 64) > 0
     model = OracleStub(lowres)
-    batch = {"image": torch.zeros(1, 3, 64, 64), "masks": [torch.cat([full, torch.zeros(1, 64, 64, dtype=torch.bool)])],
-             "input_size": [(64, 64)], "orig_size": [(64, 64)]}
+    batch = Batch(image=torch.zeros(1, 3, 64, 64), masks=[torch.cat([full, torch.zeros(1, 64, 64, dtype=torch.bool)])],
+                  input_size=[(64, 64)], orig_size=[(64, 64)])
     out = evaluate_promptable(model, [batch], torch.device("cpu"), True, num_clicks=(1, 3, 5))
     assert model.encodes == 1 and out["num_objects"] == 2  # the empty mask is skipped
     for name in ("point", "box", "click1", "click3", "click5"):
@@ -296,8 +297,8 @@ def test_evaluate_promptable_tiny_model(tiny_model):
     full[0, 10:40, 10:60] = True
     full[1, 50:90, 70:120] = True
     full[2, 60:70, 5:30] = True
-    batch = {"image": torch.randn(1, 3, S, S, generator=g), "masks": [full], "input_size": [(192, 256)],
-             "orig_size": [(96, 128)]}
+    batch = Batch(image=torch.randn(1, 3, S, S, generator=g), masks=[full], input_size=[(192, 256)],
+                  orig_size=[(96, 128)])
     for use_mask_input, clicks in ((False, (1, 2)), (True, (1,))):
         out = evaluate_promptable(tiny_model, [batch, batch], torch.device("cpu"), True, num_clicks=clicks,
                                   max_images=1, use_mask_input=use_mask_input)

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from mobilesam_se.setup import build_run, register_resolvers
+from mobilesam_se.assembly import build_run, register_resolvers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PROMPTED_KEYS = [f"{n}_miou_{r}" for n in ("point", "box", "click1", "click3", "click5") for r in ("oracle", "pred")]

@@ -33,7 +33,7 @@ from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import official_state_dict
 from mobilesam_se.models.sam_vit import SAM_VIT_CONFIGS
 from mobilesam_se.models.teachers import EncoderNotLoaded, build_sam_vit_teacher
-from mobilesam_se.setup import build_datasets, build_run
+from mobilesam_se.assembly import build_datasets, build_run
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = ["distillation=full", "model.multimask_output=false"]
@@ -57,7 +57,7 @@ def env(tmp_path) -> Dict[str, str]:
 @pytest.mark.parametrize("preset", ["seed", "full", "encoder"])
 def test_official_teacher_presets_compose_the_mobilesam_student_at_1024(preset):
     cfg = compose_cfg([f"distillation={preset}", "model.multimask_output=false"])
-    assert (cfg.model.name, cfg.model.size, cfg.model.image_size) == ("mobilesam", "full", 1024)
+    assert (cfg.model.name, cfg.model.size, cfg.model.image_size) == ("mobilesam", "mobilesam", 1024)
     assert [(t.model, t.checkpoint) for t in cfg.distillation.teachers] == [("sam_vit_h", "sam_vit_h"), ("mobilesam", "mobile_sam")]
     assert cfg.distillation.name == preset and cfg.model.multimask_output is False
     # The user's choices win over the preset's.
@@ -184,8 +184,8 @@ def stand_in_teachers(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     torch.manual_seed(0)
     files = {
-        "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "sam")),
-        "mobile_sam": official_state_dict(build_mobilesam(1024, "full")),
+        "sam_vit_h": official_state_dict(build_sam_vit_teacher(SAM_VIT_CONFIGS["tiny"], 1024, "mobilesam")),
+        "mobile_sam": official_state_dict(build_mobilesam(1024, "mobilesam")),
     }
     table = {}
     for name, sd in files.items():
@@ -209,7 +209,7 @@ SMOKE = ["logger=none", f"model.image_size={SMALL}", "dataset.train.num_images=1
 
 def test_headline_preset_trains_with_stand_in_teachers(stand_in_teachers, tmp_path, caplog):
     cfg = compose_cfg(HEADLINE + SMOKE)
-    assert cfg.model.size == "full" and [t.checkpoint for t in cfg.distillation.teachers] == ["sam_vit_h", "mobile_sam"]
+    assert cfg.model.size == "mobilesam" and [t.checkpoint for t in cfg.distillation.teachers] == ["sam_vit_h", "mobile_sam"]
     with caplog.at_level(logging.WARNING):
         trainer, cleanup = build_run(cfg, out_dir=tmp_path / "run")
     try:
@@ -236,7 +236,7 @@ def test_full_cache_means_no_teacher_encoder_and_bad_entries_are_misses(stand_in
     cfg = compose_cfg(overrides)
     assert precompute(cfg, progress=False) == {"images": 1, "computed": 2}
     cfg = compose_cfg(overrides)
-    from mobilesam_se.setup import resolve_checkpoints
+    from mobilesam_se.assembly import resolve_checkpoints
 
     specs = resolve_checkpoints(cfg)
     train, _ = build_datasets(cfg)

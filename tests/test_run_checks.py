@@ -8,7 +8,7 @@ import pytest
 
 from helpers.hydra_utils import compose_cfg
 from mobilesam_se.data.folder_writer import write_folder_sample
-from mobilesam_se.setup import build_run, check_can_learn, resolve_val_split
+from mobilesam_se.assembly import build_run, check_can_learn, resolve_val_split
 
 
 def test_seed_everything_without_checkpoint_refuses_naming_the_flag():

@@ -10,16 +10,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mobilesam_se.errors import CheckpointError
+from mobilesam_se.models.checkpoint import load_model_weights, official_state_dict
 from mobilesam_se.models.sam_vit import (
     SAM_VIT_CONFIGS,
-    SamCheckpointError,
     SamViTConfig,
     build_sam_vit_encoder,
-    load_sam_vit_encoder,
     sam_encoder_state_dict_to_timm,
     sam_vit_variant_from_checkpoint,
     timm_encoder_state_dict_to_sam,
 )
+from mobilesam_se.models.teachers import TeacherSpec, build_sam_vit_teacher, build_teacher_model
 from mobilesam_se.transforms import preprocess_image
 
 segment_anything = pytest.importorskip("segment_anything")
@@ -65,12 +66,21 @@ def make_reference(cfg: SamViTConfig, img_size: int, seed: int = 0) -> ImageEnco
     return ref.eval()
 
 
-def save_official(ref: ImageEncoderViT, path: Path) -> Path:
-    """An official-layout checkpoint: the full-SAM dict, encoder under `image_encoder.`, plus other parts."""
-    sd: Dict[str, torch.Tensor] = {f"image_encoder.{k}": v for k, v in ref.state_dict().items()}
-    sd["mask_decoder.iou_token.weight"] = torch.zeros(1, 256)  # non-encoder entries must be ignored
+def save_official(ref: ImageEncoderViT, path: Path, cfg: SamViTConfig) -> Path:
+    """A full SAM checkpoint: the reference's encoder under `image_encoder.`, a random prompt
+    encoder and mask decoder beside it (the teacher loads the whole file strictly)."""
+    head = official_state_dict(build_sam_vit_teacher(cfg, 256))
+    sd: Dict[str, torch.Tensor] = {k: v for k, v in head.items() if not k.startswith("image_encoder.")}
+    sd.update({f"image_encoder.{k}": v for k, v in ref.state_dict().items()})
     torch.save(sd, path)
     return path
+
+
+def load_encoder(cfg: SamViTConfig, path: Path, img_size: int = 1024) -> nn.Module:
+    """The teacher's one loading path (models.checkpoint), then its timm trunk."""
+    model = build_sam_vit_teacher(cfg, img_size)
+    load_model_weights(model, path)
+    return model.image_encoder.trunk.eval()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,7 @@ def test_matches_segment_anything(
     cfg: SamViTConfig, img_size: int, coffee: torch.Tensor, tmp_path: Path
 ) -> None:
     ref = make_reference(cfg, img_size)
-    ours = load_sam_vit_encoder(cfg, save_official(ref, tmp_path / "sam.pth"), img_size=img_size)
+    ours = load_encoder(cfg, save_official(ref, tmp_path / "sam.pth", cfg), img_size=img_size)
     with torch.no_grad():
         expected = ref(coffee)
         got = ours(coffee)
@@ -127,9 +137,9 @@ def test_lower_resolution_load_equals_runtime_resampling(img_size: int, tmp_path
     """Loading a (here 1024-px) checkpoint at a lower img_size interpolates pos_embed and the global
     rel_pos tables exactly as the full-size model resamples them at run time for that input size."""
     tiny = SAM_VIT_CONFIGS["tiny"]
-    path = save_official(make_reference(tiny, 1024), tmp_path / "sam.pth")
-    full = load_sam_vit_encoder("tiny", path)
-    small = load_sam_vit_encoder("tiny", path, img_size=img_size)
+    path = save_official(make_reference(tiny, 1024), tmp_path / "sam.pth", tiny)
+    full = load_encoder(tiny, path)
+    small = load_encoder(tiny, path, img_size=img_size)
     grid = img_size // 16
     assert small.pos_embed.shape == (1, grid, grid, tiny.embed_dim)
     assert small.blocks[1].attn.rel_pos_h.shape[0] == 2 * grid - 1  # global block resized
@@ -144,27 +154,28 @@ def test_lower_resolution_load_equals_runtime_resampling(img_size: int, tmp_path
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "nope" / "sam_vit_h_4b8939.pth"
     with pytest.raises(FileNotFoundError, match="sam_vit_h_4b8939.pth"):
-        load_sam_vit_encoder("tiny", path)
+        load_encoder(SAM_VIT_CONFIGS["tiny"], path)
 
 
 def test_key_mismatch_names_keys_and_file(tmp_path: Path) -> None:
-    ref = make_reference(SAM_VIT_CONFIGS["tiny"], 256)
-    sd = {f"image_encoder.{k}": v for k, v in ref.state_dict().items()}
+    tiny = SAM_VIT_CONFIGS["tiny"]
+    path = save_official(make_reference(tiny, 256), tmp_path / "broken_sam.pth", tiny)
+    sd = torch.load(path)
     sd["image_encoder.blocks.0.bogus"] = sd.pop("image_encoder.blocks.1.attn.qkv.weight")
-    path = tmp_path / "broken_sam.pth"
     torch.save(sd, path)
-    with pytest.raises(SamCheckpointError) as info:
-        load_sam_vit_encoder("tiny", path, img_size=256)
+    with pytest.raises(CheckpointError) as info:
+        load_encoder(tiny, path, img_size=256)
     message = str(info.value)
     assert "broken_sam.pth" in message
     assert "blocks.1.attn.qkv.weight" in message and "blocks.0.bogus" in message
 
 
 def test_wrong_variant_is_reported(tmp_path: Path) -> None:
-    path = save_official(make_reference(SAM_VIT_CONFIGS["tiny"], 256), tmp_path / "tiny.pth")
-    wider = SamViTConfig(embed_dim=96, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4)
-    with pytest.raises(SamCheckpointError, match=r"tiny\.pth.*looks like 'tiny'.*shape mismatches"):
-        load_sam_vit_encoder(wider, path, img_size=256)
+    tiny = SAM_VIT_CONFIGS["tiny"]
+    path = save_official(make_reference(tiny, 256), tmp_path / "tiny.pth", tiny)
+    spec = TeacherSpec(name="sam", model="sam_vit_b", checkpoint=str(path))
+    with pytest.raises(CheckpointError, match=r"(?s)tiny\.pth.*shape mismatches.*looks like 'tiny'"):
+        build_teacher_model(spec, 256)
 
 
 @pytest.mark.parametrize("variant", ["vit_b", "vit_l", "vit_h", "tiny"])

@@ -15,7 +15,7 @@ from mobilesam_se.engine.optim import warmup_cosine
 from mobilesam_se.engine.trainer import NonFiniteLossError
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import load_model_weights, read_checkpoint
-from mobilesam_se.setup import build_run
+from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 

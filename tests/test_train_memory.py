@@ -14,6 +14,7 @@ import torch
 import mobilesam_se.losses.everything as everything_loss
 import mobilesam_se.models.sam as sam_module
 from helpers import losses as loss_helpers
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.objective import SegmentEverythingObjective
 from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models.build import build_mobilesam
@@ -32,12 +33,12 @@ def _batch(image_size: int = 256, grid: int = 4) -> dict:
     ])
     ignore = torch.zeros(low, low, dtype=torch.bool)
     ignore[:, 56:] = True
-    return {
-        "image": torch.randn(1, 3, image_size, image_size, generator=g),
-        "points": torch.as_tensor(build_point_grid(grid) * image_size, dtype=torch.float32)[None],
-        "masks_lowres": [masks],
-        "ignore_lowres": [ignore],
-    }
+    return Batch(
+        image=torch.randn(1, 3, image_size, image_size, generator=g),
+        points=torch.as_tensor(build_point_grid(grid) * image_size, dtype=torch.float32)[None],
+        masks_lowres=[masks],
+        ignore_lowres=[ignore],
+    )
 
 
 def _step(model, batch, ckpt: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:

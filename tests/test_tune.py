@@ -28,7 +28,7 @@ LOOSE = dict(pred_iou_thresh=0.3, stability_score_thresh=0.6, box_nms_thresh=0.7
 def setup(coffee, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     torch.manual_seed(0)
-    model = build_mobilesam(256, size="full").eval()
+    model = build_mobilesam(256, size="mobilesam").eval()
     load_official_state_dict(model, structured_mobilesam_state_dict(official_state_dict(model), coffee), "structured")
     ckpt = root / "best.pt"
     export_official(model, ckpt)

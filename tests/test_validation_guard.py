@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.evaluation.validation import amg_keep, calibration_summary, full_res_candidates, predict_candidates
 from mobilesam_se.evaluation.metrics import evaluate_image
 from mobilesam_se.inference import EverythingGenerator
@@ -18,12 +19,12 @@ from mobilesam_se.transforms import preprocess_image, preprocess_shape
 def test_amg_filters_on_validation_candidates_match_the_generator(coffee):
     # Hand-structured weights (blobs around each point, a prompt-dependent IoU), so masks vary.
     torch.manual_seed(0)
-    model = build_mobilesam(256, size="full").eval()
+    model = build_mobilesam(256, size="mobilesam").eval()
     weights = structured_mobilesam_state_dict(official_state_dict(model), coffee)
     load_official_state_dict(model, weights, "structured weights")
     image = coffee[::2, ::2].copy()
     input_hw = preprocess_shape(*image.shape[:2], 256)
-    batch = {"image": preprocess_image(image, 256)[None], "points": grid_points_for_model(6, image.shape[:2], 256)[None]}
+    batch = Batch(image=preprocess_image(image, 256)[None], points=grid_points_for_model(6, image.shape[:2], 256)[None])
     logits, scores = predict_candidates(model, batch, torch.device("cpu"), True, 64)
     q, s = logits[0].flatten(0, 1), scores[0].flatten()
     masks, stability = full_res_candidates(q, input_hw, image.shape[:2], 256, with_stability=True)

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 
 from mobilesam_se.data.targets import lowres_size
 from mobilesam_se.prompts import grid_points_in_image
-from mobilesam_se.setup import register_resolvers
+from mobilesam_se.assembly import register_resolvers
 from mobilesam_se.transforms import postprocess_masks, preprocess_shape
 
 GRIDS = (8, 12, 16, 24, 32)

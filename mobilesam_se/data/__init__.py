@@ -2,7 +2,7 @@
 
 Layouts: `FolderDataset` (image/ + mask/<id>/), `CocoDataset`, `SA1BDataset`, and
 `SyntheticDataset` (generated scenes in the folder layout). All return `Sample`s; batch them
-with `collate_samples`. Bad data raises `DatasetError` (or is skipped with on_error="skip");
+into a `Batch` with `collate_samples`. Bad data raises `DatasetError` (or is skipped with on_error="skip");
 `check_dataset` / `python -m mobilesam_se.data.check` list every problem at once.
 """
 from mobilesam_se.data.base import MaskDataset
@@ -12,7 +12,7 @@ from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
 from mobilesam_se.data.sa1b import SA1BDataset
-from mobilesam_se.data.sample import Sample, collate_samples
+from mobilesam_se.data.sample import Batch, Sample, collate_samples
 from mobilesam_se.data.synthetic import (
     SyntheticDataset,
     default_synthetic_dir,
@@ -22,6 +22,7 @@ from mobilesam_se.data.synthetic import (
 from mobilesam_se.data.targets import lowres_size, lowres_targets
 
 __all__ = [
+    "Batch",
     "CocoDataset",
     "DatasetError",
     "FolderDataset",

@@ -1,8 +1,9 @@
 """What every dataset returns for one image, and how a batch of them is assembled."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,20 +41,56 @@ class Sample:
         return int(self.masks.shape[0])
 
 
+@dataclass
+class Batch:
+    """Samples collated for a DataLoader (`collate_samples`): the fields every image has at the same
+    size are stacked, the others are per-image lists of length B (K masks differ between images).
+
+    A part builds its own batch for a test with the fields it reads; the rest stay empty.
+    """
+
+    image: torch.Tensor  # (B, 3, S, S)
+    points: Optional[torch.Tensor] = None  # (B, P, 2) grid prompts, the model's input frame
+    image_id: List[str] = field(default_factory=list)
+    file_name: List[str] = field(default_factory=list)
+    orig_size: List[Tuple[int, int]] = field(default_factory=list)
+    input_size: List[Tuple[int, int]] = field(default_factory=list)
+    masks: List[torch.Tensor] = field(default_factory=list)  # (K, H, W) bool, full resolution
+    masks_lowres: List[torch.Tensor] = field(default_factory=list)  # (K, S/4, S/4) bool
+    image_uint8: List[Optional[np.ndarray]] = field(default_factory=list)
+    ignore_lowres: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """A copy whose training tensors (image, points, masks_lowres, ignore_lowres) are on `device`.
+
+        The full-resolution masks stay where they are: only evaluation reads them, an image at a
+        time, and a batch of them would take device memory for nothing. A tensor already on
+        `device` is kept as it is (the same object), so parts can recognise the batch's image.
+        """
+        def move(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return dataclasses.replace(
+            self, image=move(self.image), points=move(self.points),
+            masks_lowres=[move(m) for m in self.masks_lowres], ignore_lowres=[move(m) for m in self.ignore_lowres],
+        )
+
+
 # Fields whose size is the same for every image of a batch; the rest stay per-image lists.
 _STACKED = ("image", "points")
 _LISTED = ("image_id", "file_name", "orig_size", "input_size", "masks", "masks_lowres", "image_uint8", "ignore_lowres")
 
 
-def collate_samples(samples: Sequence[Sample]) -> Dict[str, Any]:
+def collate_samples(samples: Sequence[Sample]) -> Batch:
     """Batch samples for a DataLoader: `image` (B,3,S,S) and `points` (B,P,2) are stacked;
     the per-image fields (K masks differ between images) are kept as lists of length B."""
     if len(samples) == 0:
         raise ValueError("collate_samples needs at least one sample")
-    batch: Dict[str, Any] = {name: torch.stack([getattr(s, name) for s in samples]) for name in _STACKED}
-    for name in _LISTED:
-        batch[name] = [getattr(s, name) for s in samples]
-    return batch
+    stacked = {name: torch.stack([getattr(s, name) for s in samples]) for name in _STACKED}
+    return Batch(**stacked, **{name: [getattr(s, name) for s in samples] for name in _LISTED})
 
 
-__all__: List[str] = ["Sample", "collate_samples"]
+__all__: List[str] = ["Batch", "Sample", "collate_samples"]

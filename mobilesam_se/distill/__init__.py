@@ -23,7 +23,7 @@ from mobilesam_se.distill.distiller import (
 )
 from mobilesam_se.distill.plateau import PlateauLambda
 from mobilesam_se.errors import UserError
-from mobilesam_se.models.build import DECODER_SIZES
+from mobilesam_se.models.build import DECODER_SIZES, size_name
 from mobilesam_se.models.teachers import (
     NATIVE_SIZE,
     TeacherSpec,
@@ -39,7 +39,7 @@ from mobilesam_se.weights import resolve_many
 log = logging.getLogger(__name__)
 
 # The student's embedding / decoder width per `model.size` (see models/build.py).
-STUDENT_DIMS = {"full": DECODER_SIZES["sam"]["dim"], "tiny": DECODER_SIZES["tiny"]["dim"]}
+STUDENT_DIMS = {"mobilesam": DECODER_SIZES["mobilesam"]["dim"], "tiny": DECODER_SIZES["tiny"]["dim"]}
 TINY_TEACHER = {"name": "tiny", "model": "tiny", "checkpoint": None, "weight": 1.0, "seed": 0}
 
 
@@ -70,7 +70,7 @@ def enabled_terms(dcfg: Any) -> Dict[str, Dict[str, Any]]:
 
 
 def _student_dims(cfg: DictConfig) -> Tuple[Optional[int], int]:
-    student_dim = STUDENT_DIMS.get(cfg.model.get("size", "full"))
+    student_dim = STUDENT_DIMS.get(size_name(cfg.model.get("size", "mobilesam")))
     return student_dim, student_dim or STUDENT_DIMS["tiny"]
 
 
@@ -93,7 +93,7 @@ def check_distillation(cfg: DictConfig) -> List[TeacherSpec]:
         if student_dim is not None and width != student_dim and same_width:
             # No learned projection: a student-side adapter would change what "the student" is and
             # need its own optimizer group; rkd and attention compare relations / maps and still apply.
-            wide = next((n for n, d in (("mobilesam", STUDENT_DIMS["full"]), ("tiny", STUDENT_DIMS["tiny"])) if d == width), None)
+            wide = next((n for n, d in (("mobilesam", STUDENT_DIMS["mobilesam"]), ("tiny", STUDENT_DIMS["tiny"])) if d == width), None)
             fix = f"set model={wide} (width {width})" if wide else "use a teacher of the student's width"
             raise UserError(
                 f"teacher {spec.name!r} ({spec.model}) has width {width}, the student (model.size={cfg.model.size}) "

@@ -27,7 +27,7 @@ def _compose(overrides: Sequence[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from mobilesam_se.setup import register_resolvers
+    from mobilesam_se.assembly import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()
@@ -44,7 +44,7 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
     from mobilesam_se.data.sample import collate_samples
     from mobilesam_se.distill import build_distiller
     from mobilesam_se.precision import resolve_device
-    from mobilesam_se.setup import build_datasets, resolve_checkpoints
+    from mobilesam_se.assembly import build_datasets, resolve_checkpoints
 
     if not cfg.distillation.get("enabled", False):
         raise UserError("choose a distillation preset whose teachers to cache, e.g. distillation=seed")
@@ -64,7 +64,7 @@ def precompute(cfg, splits: Sequence[str] = ("train",), progress: bool = True) -
                             num_workers=cfg.dataset.num_workers)
         for batch in tqdm(loader, desc=f"teacher cache ({split})", disable=not progress):
             counts["computed"] += distiller.fill_cache(batch, device)
-            counts["images"] += len(batch["file_name"])
+            counts["images"] += len(batch)
     for t in distiller.teachers:
         log.info("teacher %r: cache hit rate %.1f%% (%d of %d)", t.name, 100 * t.cache.hit_rate, t.cache.hits,
                  t.cache.hits + t.cache.misses)

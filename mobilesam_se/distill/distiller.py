@@ -14,6 +14,7 @@ dropped once the loss is formed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -24,7 +25,10 @@ from torch import Tensor
 from mobilesam_se.distill import mask_teacher as mt
 from mobilesam_se.distill import terms as T
 from mobilesam_se.distill.embedding_cache import EmbeddingCache
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.distill.plateau import PlateauLambda
+from mobilesam_se.matching import MatchResult
+from mobilesam_se.models.mask_decoder import DecoderOutput
 from mobilesam_se.models.sam import SamModel
 from mobilesam_se.models.teachers import TeacherSpec, has_encoder
 
@@ -165,9 +169,9 @@ class Distiller:
         return next(t for t in self.teachers if t.name == name)
 
     @torch.no_grad()
-    def teacher_embeddings(self, teacher: Teacher, batch: Mapping[str, Any], pixels: Tensor) -> Tensor:
+    def teacher_embeddings(self, teacher: Teacher, batch: Batch, pixels: Tensor) -> Tensor:
         """(B, C, h, w) float32 teacher embeddings: from this step's memo, the cache, or the encoder."""
-        if self._memo is not None and self._memo[0] is batch["image"] and self._memo[1] == teacher.name:
+        if self._memo is not None and self._memo[0] is batch.image and self._memo[1] == teacher.name:
             emb = self._memo[2]
             self._memo = None
             return emb
@@ -176,7 +180,7 @@ class Distiller:
             teacher.ensure_encoder(self._device)
             with _teacher_precision(device):
                 return teacher.model.encode(pixels).float()
-        files = list(batch.get("file_name") or [None] * pixels.shape[0])
+        files = list(batch.file_name or [None] * pixels.shape[0])
         keys = [teacher.cache.key(f, pixels[i]) for i, f in enumerate(files)]
         found = [teacher.cache.load(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]
@@ -189,10 +193,10 @@ class Distiller:
                 found[i] = fresh[j].half()  # as a later cached run will see it
         return torch.stack([e.to(device).float() for e in found])
 
-    def fill_cache(self, batch: Mapping[str, Any], device: torch.device) -> int:
+    def fill_cache(self, batch: Batch, device: torch.device) -> int:
         """Compute and store the missing cached embeddings of a batch; returns how many were computed."""
         self._to(device)
-        pixels = batch["image"].to(device)
+        pixels = batch.image.to(device)
         before = sum(t.cache.misses for t in self.teachers if t.cache is not None)
         for t in self.teachers:
             if t.cache is None:
@@ -242,8 +246,8 @@ class Distiller:
         return result
 
     # -- the loss --------------------------------------------------------------------------------
-    def _paired_indices(self, out: Mapping[str, Tensor], matches: Sequence[Any]) -> List[Tensor]:
-        B, P, M = out["masks"].shape[:3]
+    def _paired_indices(self, out: DecoderOutput, matches: Sequence[MatchResult]) -> List[Tensor]:
+        B, P, M = out.masks.shape[:3]
         if self.terms["dense_mask_logits"].get("candidates", "matched") == "all":
             return [torch.arange(P * M) for _ in range(B)]
         return [m.pred_idx.detach().cpu().sort().values for m in matches]
@@ -252,31 +256,31 @@ class Distiller:
         out, points = grid.outputs, grid.points
         results: Dict[str, Dict[str, Tensor]] = {}
         if "encoder_patch" in self.terms:
-            results["encoder_patch"] = T.encoder_patch(out["embeddings"], emb_t, **self.terms["encoder_patch"])
+            results["encoder_patch"] = T.encoder_patch(out.embeddings, emb_t, **self.terms["encoder_patch"])
         if not any(t in self.terms for t in DECODER_TERMS):
             return results
         paired = self._paired_indices(out, grid.matches) if "dense_mask_logits" in self.terms else None
         tp = self._decode(teacher, emb_t, points, paired, "attention" in self.terms)
         if "prompt_embed" in self.terms:
-            results["prompt_embed"] = T.prompt_embed(out["tokens"], tp.tokens, **self.terms["prompt_embed"])
+            results["prompt_embed"] = T.prompt_embed(out.tokens, tp.tokens, **self.terms["prompt_embed"])
         if "decoder_mask_token" in self.terms:
-            results["decoder_mask_token"] = T.mask_token_kl(out["mask_token_out"], tp.mask_token_out, **self.terms["decoder_mask_token"])
+            results["decoder_mask_token"] = T.mask_token_kl(out.mask_token_out, tp.mask_token_out, **self.terms["decoder_mask_token"])
         if "dense_mask_logits" in self.terms:
-            h, w = out["masks"].shape[-2:]
-            student = torch.cat([out["masks"][b].reshape(-1, h, w)[idx.to(out["masks"].device)] for b, idx in enumerate(paired)])
+            h, w = out.masks.shape[-2:]
+            student = torch.cat([out.masks[b].reshape(-1, h, w)[idx.to(out.masks.device)] for b, idx in enumerate(paired)])
             kw = {k: v for k, v in self.terms["dense_mask_logits"].items() if k != "candidates"}
             results["dense_mask_logits"] = T.dense_mask_logits(student, torch.cat(tp.masks), **kw)
         if "attention" in self.terms:
-            results["attention"] = T.attention_maps(out["attention"], tp.attention, **self.terms["attention"])
+            results["attention"] = T.attention_maps(out.attention, tp.attention, **self.terms["attention"])
         if "rkd" in self.terms:
             kw = dict(self.terms["rkd"])
             keep = _even_subset(points.shape[1], int(kw.pop("max_prompts", 64)), points.device)
-            per_image = [T.rkd(out["tokens"][b, keep].flatten(1), tp.tokens[b, keep].flatten(1), **kw)
+            per_image = [T.rkd(out.tokens[b, keep].flatten(1), tp.tokens[b, keep].flatten(1), **kw)
                          for b in range(points.shape[0])]
             results["rkd"] = {k: torch.stack([r[k] for r in per_image]).mean() for k in per_image[0]}
         return results
 
-    def __call__(self, batch: Mapping[str, Any], grid: Any) -> Dict[str, Tensor]:
+    def __call__(self, batch: Batch, grid: Any) -> Dict[str, Tensor]:
         """`grid`: the objective's `EverythingOutput` of this step (the student's outputs, on the graph)."""
         pixels = grid.pixels
         self._to(pixels.device)
@@ -328,30 +332,30 @@ class Distiller:
                 scores[b].append(sc)
         return [mt.finish(logits[b], scores[b], cfg.nms_iou, (side, side)) for b in range(B)]
 
-    def prepare_targets(self, batch: Dict[str, Any], device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    def prepare_targets(self, batch: Batch, device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> Batch:
         """mask_teacher.method=replace_gt: a shallow copy of `batch` whose `masks_lowres` are the
         teacher's masks with matched ones replaced by GT (see `mask_teacher`); otherwise `batch`."""
         if self.mask_teacher.method != "replace_gt":
             return batch
         self._to(device)
         teacher = self._teacher(self.mask_teacher.teacher)
-        pixels = batch["image"].to(device)
+        pixels = batch.image.to(device)
         emb = self.teacher_embeddings(teacher, batch, pixels)
-        self._memo = (batch["image"], teacher.name, emb)  # the loss reuses them this step
-        found = self.teacher_masks(teacher, emb, batch["points"].to(device), batch["input_size"])
+        self._memo = (batch.image, teacher.name, emb)  # the loss reuses them this step
+        found = self.teacher_masks(teacher, emb, batch.points.to(device), batch.input_size)
         targets, totals = [], {"replaced": 0.0, "added": 0.0, "duplicates": 0.0}
         for b, tm in enumerate(found):
-            merged, counts = mt.replace_with_gt(tm.masks, batch["masks_lowres"][b].to(device), self.mask_teacher.iou_threshold)
+            merged, counts = mt.replace_with_gt(tm.masks, batch.masks_lowres[b].to(device), self.mask_teacher.iou_threshold)
             targets.append(merged)
             for k in totals:
                 totals[k] += counts[k]
         self._target_stats = totals
-        return {**batch, "masks_lowres": targets}
+        return dataclasses.replace(batch, masks_lowres=targets)
 
-    def _dual_supervision(self, batch: Mapping[str, Any], grid: Any, embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    def _dual_supervision(self, batch: Batch, grid: Any, embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         teacher = self._teacher(self.mask_teacher.teacher)
-        found = self.teacher_masks(teacher, embeddings[teacher.name], batch["points"].to(grid.pixels.device), batch["input_size"])
-        masks = grid.outputs["masks"]
+        found = self.teacher_masks(teacher, embeddings[teacher.name], batch.points.to(grid.pixels.device), batch.input_size)
+        masks = grid.outputs.masks
         per_image = [
             mt.dual_supervision_loss(masks[b].float(), tm, grid.lowres_points[b], **self.matching)
             for b, tm in enumerate(found)

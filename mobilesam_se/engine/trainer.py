@@ -2,7 +2,7 @@
 early stopping, exact resume, atomic checkpoints, append-only logs, pictures and W&B.
 
 The trainer receives built parts, keyword-only (the objective, the datasets, a validator, a logger),
-and its own settings (`conf/trainer/*.yaml`); `setup.build_run` makes it with
+and its own settings (`conf/trainer/*.yaml`); `assembly.build_run` makes it with
 `instantiate(cfg.trainer, _partial_=True)(**parts)`. It never reads the other config groups.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mobilesam_se.data.sample import collate_samples
+from mobilesam_se.data.sample import Batch, collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
@@ -141,7 +141,7 @@ class Trainer:
         self.freeze_bn_stats = bool(freeze.get("batchnorm_stats", False))
         self.bn_stats_epoch = freeze.get("batchnorm_stats_epoch")
         self.bn_stats_images = int(freeze.get("batchnorm_stats_images", 64))
-        # Estimated only for a model that starts from its init (setup: not from model.checkpoint).
+        # Estimated only for a model that starts from its init (assembly: not from model.checkpoint).
         self.estimate_bn_stats = bool(freeze.get("estimate_batchnorm_stats", True))
         self.visual_images = int(visual.get("num_images", 0))
         self.visual_every = int(visual.get("save_every_n_epochs", 0))
@@ -268,7 +268,7 @@ class Trainer:
         if signum is not None and code_of(signum) >= code_of(self.stop_signal):
             self.stop_signal = signum
 
-    def _micro_step(self, batch: Dict[str, Any], micro_index: int) -> Dict[str, torch.Tensor]:
+    def _micro_step(self, batch: Batch, micro_index: int) -> Dict[str, torch.Tensor]:
         """The objective's terms for one micro-batch (`loss` is what is optimised). Each micro-batch
         has its own seeded generator (prompt sub-sampling, prompted-object sampling)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + micro_index * self.dist.world_size + self.dist.rank)

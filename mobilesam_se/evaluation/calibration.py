@@ -72,10 +72,6 @@ def reliability(pred_iou: ArrayLike, true_iou: ArrayLike, bins: int = 10) -> Dic
     }
 
 
-def expected_calibration_error(pred_iou: ArrayLike, true_iou: ArrayLike, bins: int = 10) -> float:
-    return float(reliability(pred_iou, true_iou, bins)["ece"])
-
-
 def survival(pred_iou: ArrayLike, thresholds: Sequence[float] = (0.88, 0.95)) -> Dict[float, float]:
     """Share of candidates whose raw predicted IoU passes each threshold (strictly greater, the AMG's test)."""
     pred = _np(pred_iou)

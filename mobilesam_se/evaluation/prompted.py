@@ -225,18 +225,18 @@ def evaluate_promptable(
     per_key: Dict[str, List[Tensor]] = {}
     n_seen = 0
     for batch in tqdm(loader, desc="val/prompted", leave=False, disable=not progress):
-        take = batch["image"].shape[0] if max_images is None else min(batch["image"].shape[0], max_images - n_seen)
+        take = len(batch) if max_images is None else min(len(batch), max_images - n_seen)
         if take <= 0:
             break
         with autocast(device, autocast_dtype):
-            embeddings = model.encode(batch["image"][:take].to(device))  # once per image, for all its prompts
+            embeddings = model.encode(batch.image[:take].to(device))  # once per image, for all its prompts
         for b in range(take):
-            gt = batch["masks"][b].to(device).bool()
+            gt = batch.masks[b].to(device).bool()
             gt = gt[gt.flatten(1).any(1)]
             if gt.shape[0] == 0:
                 continue
             ious = evaluate_image_promptable(
-                model, embeddings[b : b + 1], gt, batch["input_size"][b], batch["orig_size"][b], multimask_output,
+                model, embeddings[b : b + 1], gt, batch.input_size[b], batch.orig_size[b], multimask_output,
                 tuple(num_clicks), autocast_dtype, points_per_batch, use_mask_input,
             )
             for key, v in ious.items():

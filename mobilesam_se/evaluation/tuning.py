@@ -69,11 +69,11 @@ def _collect(model: nn.Module, dataset, device: torch.device, multimask_output: 
     for batch in tqdm(loader, desc="tune: decode", unit="image", disable=not progress):
         logits, scores = predict_candidates(model, batch, device, multimask_output, points_per_batch)
         q, s = logits[0].flatten(0, 1), scores[0].flatten()
-        masks, stability = full_res_candidates(q, batch["input_size"][0], batch["orig_size"][0],
+        masks, stability = full_res_candidates(q, batch.input_size[0], batch.orig_size[0],
                                                int(model.image_size), with_stability=True)
         keep = (s > loosest["pred_iou_thresh"]) & (stability >= loosest["stability_score_thresh"])
         keep &= masks.flatten(1).any(1)
-        img = _Image(tuple(batch["orig_size"][0]), batch["masks"][0].bool().cpu(), masks[keep].cpu(),
+        img = _Image(tuple(batch.orig_size[0]), batch.masks[0].bool().cpu(), masks[keep].cpu(),
                      s[keep].float().cpu(), stability[keep].float().cpu())
         img.rles = encode_masks(img.masks) if img.masks.shape[0] else []
         images.append(img)

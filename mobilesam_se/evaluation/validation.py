@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.evaluation.calibration import best_match_iou
 from mobilesam_se.evaluation.metrics import aggregate, evaluate_image, summarize_views
 from mobilesam_se.matching import hungarian_match, mask_iou_matrix
@@ -64,12 +65,12 @@ def amg_keep(
 
 
 @torch.no_grad()
-def predict_candidates(model: nn.Module, batch: Dict[str, Any], device: torch.device, multimask_output: bool,
+def predict_candidates(model: nn.Module, batch: Batch, device: torch.device, multimask_output: bool,
                        points_per_batch: int, autocast_dtype: Optional[torch.dtype] = None):
-    pixels = batch["image"].to(device)
+    pixels = batch.image.to(device)
     with autocast(device, autocast_dtype):
-        out = model(pixels, batch["points"].to(device), multimask_output=multimask_output, points_per_batch=points_per_batch)
-    return out["masks"].float(), out["iou_pred"].float()
+        out = model(pixels, batch.points.to(device), multimask_output=multimask_output, points_per_batch=points_per_batch)
+    return out.masks.float(), out.iou_pred.float()
 
 
 @torch.no_grad()
@@ -95,7 +96,7 @@ def validate(
     - precision (and recall_filtered): only candidates whose predicted IoU >= score_thresh, after
       mask NMS at nms_iou, so spurious confident masks count against the model.
 
-    `evaluator` (an `evaluation.everything.EverythingEvaluator`) also receives every image's
+    `evaluator` (an `evaluation.evaluator.EverythingEvaluator`) also receives every image's
     candidates; its COCO AP / AR and calibration metrics are merged into the result.
     """
     was_training = model.training
@@ -116,8 +117,8 @@ def validate(
             n_seen += 1
             q = logits[b].flatten(0, 1)
             s = scores[b].flatten()
-            gt = batch["masks"][b].to(device)
-            masks, stability = full_res_candidates(q, batch["input_size"][b], batch["orig_size"][b], image_size,
+            gt = batch.masks[b].to(device)
+            masks, stability = full_res_candidates(q, batch.input_size[b], batch.orig_size[b], image_size,
                                                    with_stability=True)
             everything = evaluate_image(masks, s, gt)
             filtered = evaluate_image(masks, s, gt, score_thresh=score_thresh, nms_iou=nms_iou)
@@ -126,17 +127,17 @@ def validate(
             calib_pred.append(s.clamp(0, 1).cpu())
             calib_true.append(best_match_iou(masks, gt).cpu())
             if evaluator is not None:
-                originals = batch.get("image_uint8")
-                evaluator.add(batch["image_id"][b], masks, s, gt, originals[b] if originals else None)
+                originals = batch.image_uint8
+                evaluator.add(batch.image_id[b], masks, s, gt, originals[b] if originals else None)
             all_views.append(everything)
             filtered_views.append(filtered)
-            if len(visuals) < keep_visuals and batch.get("image_uint8") and batch["image_uint8"][b] is not None:
+            if len(visuals) < keep_visuals and batch.image_uint8 and batch.image_uint8[b] is not None:
                 matched = _matched_masks(masks, gt)
-                m = masks.shape[0] // batch["points"].shape[1]
+                m = masks.shape[0] // batch.points.shape[1]
                 visuals.append({
-                    "image_id": batch["image_id"][b], "image": batch["image_uint8"][b],
+                    "image_id": batch.image_id[b], "image": batch.image_uint8[b],
                     "gt": gt.cpu().numpy(), "pred": masks[matched].cpu().numpy(),
-                    "points": _points_in_original(batch["points"][b], batch["orig_size"][b], image_size).numpy(),
+                    "points": _points_in_original(batch.points[b], batch.orig_size[b], image_size).numpy(),
                     "points_matched": np.unique(matched.cpu().numpy() // m),
                 })
         if max_images is not None and n_seen >= max_images:
@@ -237,7 +238,7 @@ class Validator:
         """`coco`: COCO mask AP/AR of the raw candidates and the reliability diagram; `amg`: also the
         stock AMG's output in the COCO metrics (a second decode per image); `prompted`: point / box /
         corrective-click mIoU as prompted/*."""
-        from mobilesam_se.evaluation.everything import EverythingEvaluator, build_generator, figure_to_rgb
+        from mobilesam_se.evaluation.evaluator import EverythingEvaluator, build_generator, figure_to_rgb
 
         loader = self.loader()
         evaluator = None

@@ -235,7 +235,7 @@ def structured_mobilesam_state_dict(sd: StateDict, image, calibration_size: int 
     from mobilesam_se.models.checkpoint import load_official_state_dict
 
     first = structured_state_dict(sd, **kwargs)
-    probe = build_mobilesam(calibration_size, size="full").eval()
+    probe = build_mobilesam(calibration_size, size="mobilesam").eval()
     load_official_state_dict(probe, first, "structured weights")
     feats = iou_head_inputs(probe, image)
     return structured_state_dict(sd, iou_features=feats, **kwargs)

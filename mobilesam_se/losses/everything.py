@@ -1,7 +1,8 @@
 """The segment-everything training loss for one image (and a mean over a batch of images)."""
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +17,18 @@ IOU_OVER = ("all", "assigned", "fg")
 CLS_TERMS = ("recipe", "no_duplicates", "off")
 # Prompts per piece when `point_supervision` picks each prompt's best candidate (bounds the float copies).
 POINT_PAIR_CHUNK = 32
+
+
+@dataclass
+class LossOutput:
+    """The everything loss of one image or a batch: `terms` holds scalar tensors only ("loss", the
+    weighted sum that is optimised, and each term it sums); the rest is what the matching found."""
+
+    terms: Dict[str, Tensor]
+    matches: List[MatchResult]  # per image
+    num_fg: int  # foreground (candidate, gt) pairs
+    num_gt: int  # ground-truth objects
+    mean_matched_iou: float  # over every Hungarian pair (0 without any)
 
 
 class EverythingLoss(nn.Module):
@@ -36,7 +49,7 @@ class EverythingLoss(nn.Module):
       "recipe" takes every non-foreground candidate as a negative; "no_duplicates" leaves out the
       good duplicates (IoU >= fg_iou with some object), since BCE toward 0 there fights the MSE
       toward their real IoU; "off" drops the term (it is logged as 0).
-    loss = sum of w_term * term, and the dict's terms are exactly those summed.
+    loss = sum of w_term * term, and `LossOutput.terms` are exactly those summed.
     """
 
     def __init__(
@@ -80,7 +93,7 @@ class EverythingLoss(nn.Module):
         gt_lowres: Tensor,
         points_lowres: Tensor | None = None,
         ignore_lowres: Tensor | None = None,
-    ) -> Dict[str, Any]:
+    ) -> LossOutput:
         """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None.
 
         `ignore_lowres` (h, w) bool: objects left out of the targets (e.g. by max_masks_per_image).
@@ -108,12 +121,10 @@ class EverythingLoss(nn.Module):
             "iou": iou_mse(flat_iou[iou_rows], self._iou_target(match)[iou_rows]),
             "cls": iou_confidence_bce(flat_iou[cls_rows], match.fg.float()[cls_rows]),
         }
-        out: Dict[str, Any] = {"loss": self._weighted_sum(terms), **terms}
-        out["num_fg"] = float(match.num_fg)
-        out["num_gt"] = float(gt_lowres.shape[0])
-        out["mean_matched_iou"] = float(match.iou.mean()) if match.iou.numel() else 0.0
-        out["match"] = match
-        return out
+        return LossOutput(
+            terms={"loss": self._weighted_sum(terms), **terms}, matches=[match], num_fg=int(match.num_fg),
+            num_gt=int(gt_lowres.shape[0]), mean_matched_iou=float(match.iou.mean()) if match.iou.numel() else 0.0,
+        )
 
     @torch.no_grad()
     def _point_pairs(self, logits: Tensor, gt: Tensor, points: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,7 +201,7 @@ class EverythingLoss(nn.Module):
     def _weighted_sum(self, terms: Mapping[str, Tensor]) -> Tensor:
         return sum(self.weights[name] * terms[name] for name in TERMS)
 
-    def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> Dict[str, Any]:
+    def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> LossOutput:
         """Mean of the per-image losses over a batch.
 
         Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres]) or a dict with those keys.
@@ -202,10 +213,10 @@ class EverythingLoss(nn.Module):
             raise ValueError("batch_forward needs at least one image")
         per_image = [self(**item) if isinstance(item, Mapping) else self(*item) for item in images]
         n = len(per_image)
-        out: Dict[str, Any] = {name: sum(r[name] for r in per_image) / n for name in ("loss",) + TERMS}
-        out["num_fg"] = sum(r["num_fg"] for r in per_image)
-        out["num_gt"] = sum(r["num_gt"] for r in per_image)
-        pair_ious = torch.cat([r["match"].iou.float().cpu() for r in per_image])
-        out["mean_matched_iou"] = float(pair_ious.mean()) if pair_ious.numel() else 0.0
-        out["matches"] = [r["match"] for r in per_image]
-        return out
+        matches = [m for r in per_image for m in r.matches]
+        pair_ious = torch.cat([m.iou.float().cpu() for m in matches])
+        return LossOutput(
+            terms={name: sum(r.terms[name] for r in per_image) / n for name in ("loss",) + TERMS}, matches=matches,
+            num_fg=sum(r.num_fg for r in per_image), num_gt=sum(r.num_gt for r in per_image),
+            mean_matched_iou=float(pair_ious.mean()) if pair_ious.numel() else 0.0,
+        )

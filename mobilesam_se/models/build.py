@@ -1,4 +1,4 @@
-"""Builders: MobileSAM (full size or a tiny test size) with any `image_size`, and the model of a checkpoint."""
+"""Builders: MobileSAM (its own size, or a small / tiny one) with any `image_size`, and the model of a checkpoint."""
 from __future__ import annotations
 
 import functools
@@ -17,15 +17,29 @@ from mobilesam_se.models.transformer import TwoWayTransformer, tie_query_key_ini
 
 log = logging.getLogger(__name__)
 
-# Decoder sizes: SAM's, and a tiny one for tests / CPU smoke runs.
+# One vocabulary for sizes, the `model=` options' names: `model.size`, the decoder sizes below and
+# the teachers' `mobilesam` / `tiny` all say mobilesam | small | tiny.
+SIZES = ("mobilesam", "small", "tiny")
+# Descriptions written before sizes took the `model=` names say "full" for mobilesam.
+_OLD_SIZE_NAMES = {"full": "mobilesam"}
+
+
+def size_name(size: str) -> str:
+    """`size` in the one vocabulary (an older file's "full" is "mobilesam")."""
+    return _OLD_SIZE_NAMES.get(str(size), str(size))
+
+
+# Decoder sizes. mobilesam's is SAM's own decoder (MobileSAM kept it; the SAM ViT teachers have it).
 DECODER_SIZES = {
-    "sam": dict(dim=256, depth=2, heads=8, mlp_dim=2048, iou_hidden=256, mask_in_chans=16),
+    "mobilesam": dict(dim=256, depth=2, heads=8, mlp_dim=2048, iou_hidden=256, mask_in_chans=16),
     "small": dict(dim=64, depth=2, heads=4, mlp_dim=256, iou_hidden=64, mask_in_chans=16),
     "tiny": dict(dim=32, depth=2, heads=2, mlp_dim=64, iou_hidden=32, mask_in_chans=16),
 }
+# MobileSAM's TinyViT encoder at each size.
+ENCODER_SIZES = {"mobilesam": MOBILESAM_TINYVIT, "small": SMALL_TINYVIT, "tiny": TINY_TINYVIT}
 
 
-def build_sam_head(encoder, image_size: int, decoder_size: str = "sam") -> SamModel:
+def build_sam_head(encoder, image_size: int, decoder_size: str = "mobilesam") -> SamModel:
     """Wrap an image encoder with SAM's prompt encoder and mask decoder."""
     cfg = DECODER_SIZES[decoder_size]
     grid = image_size // 16
@@ -48,13 +62,14 @@ ATTENTION_INITS = ("default", "tied_qk")
 
 def build_mobilesam(
     image_size: int = 1024,
-    size: str = "full",
+    size: str = "mobilesam",
     checkpoint: Optional[str] = None,
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
     attention_init: str = "default",
 ) -> SamModel:
-    """MobileSAM. `size='full'` is the official architecture; `size='tiny'` is for tests.
+    """MobileSAM. `size='mobilesam'` is the official architecture; `small` and `tiny` (tests, CPU runs)
+    are the same topology, narrower.
 
     `checkpoint`, when given, is an official-layout file (`mobile_sam.pt`, our `best.pt`) or our
     `last.ckpt`, loaded strictly. `grad_checkpointing` sets the model's flag
@@ -64,14 +79,10 @@ def build_mobilesam(
     """
     if attention_init not in ATTENTION_INITS:
         raise ValueError(f"model.attention_init must be one of {ATTENTION_INITS}, got {attention_init!r}")
-    if size == "full":
-        model = build_sam_head(TinyVitImageEncoder(MOBILESAM_TINYVIT, drop_path_rate), image_size, "sam")
-    elif size == "small":
-        model = build_sam_head(TinyVitImageEncoder(SMALL_TINYVIT, drop_path_rate), image_size, "small")
-    elif size == "tiny":
-        model = build_sam_head(TinyVitImageEncoder(TINY_TINYVIT, drop_path_rate), image_size, "tiny")
-    else:
-        raise ValueError(f"model.size must be 'full', 'small' or 'tiny', got {size!r}")
+    size = size_name(size)
+    if size not in ENCODER_SIZES:
+        raise ValueError(f"model.size must be one of {SIZES}, got {size!r}")
+    model = build_sam_head(TinyVitImageEncoder(ENCODER_SIZES[size], drop_path_rate), image_size, size)
     model.set_grad_checkpointing(grad_checkpointing)
     if attention_init == "tied_qk":
         tie_query_key_init(model.mask_decoder)
@@ -83,8 +94,6 @@ def build_mobilesam(
 
 
 # -- the model of a checkpoint ------------------------------------------------------------------------
-# The `model=` option (conf/model/<name>.yaml) of each size, for files that do not say which they are.
-SIZE_OPTIONS = {"full": "mobilesam", "small": "small", "tiny": "tiny"}
 OFFICIAL_IMAGE_SIZE = 1024  # what mobile_sam.pt was trained and is run at
 
 
@@ -103,7 +112,7 @@ def infer_size(state: Dict[str, torch.Tensor], source: str) -> str:
 
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     differing = {}
-    for size in SIZE_OPTIONS:
+    for size in SIZES:
         expected = _official_shapes_of(size)
         if shapes == expected:
             return size
@@ -118,12 +127,12 @@ def _bare_file_description(model_cfg: DictConfig, state: Dict[str, torch.Tensor]
     """What a file without a description is: the size its weights' shapes say, at 1024 px when that is
     the official architecture (mobile_sam.pt), else at the configured model.image_size."""
     size = infer_size(state, source)
-    if "image_size" in typed or size != "full":
+    if "image_size" in typed or size != "mobilesam":
         image_size = int(model_cfg.image_size)
     else:
         image_size = OFFICIAL_IMAGE_SIZE
     target = f"{build_mobilesam.__module__}.{build_mobilesam.__qualname__}"
-    return {"name": SIZE_OPTIONS[size], "size": size, "image_size": image_size,
+    return {"name": size, "size": size, "image_size": image_size,
             "multimask_output": bool(model_cfg.multimask_output),
             "net": {"_target_": target, "image_size": image_size, "size": size, "checkpoint": None,
                     "drop_path_rate": 0.0}}
@@ -137,7 +146,7 @@ def _settle_model_config(model_cfg: DictConfig, description: Dict[str, Any], typ
     from mobilesam_se.errors import ConfigError
 
     if typed_arch := {"name", "size"} & set(typed):
-        if str(model_cfg.size) != str(description["size"]):
+        if size_name(model_cfg.size) != size_name(description["size"]):
             flags = "model=" + str(model_cfg.name) if "name" in typed_arch else "model.size=" + str(model_cfg.size)
             raise ConfigError(f"{flags} does not fit checkpoint {checkpoint}: it is a model.size={description['size']} "
                               f"model ({source}); drop the flag, the checkpoint decides its architecture")
@@ -147,8 +156,10 @@ def _settle_model_config(model_cfg: DictConfig, description: Dict[str, Any], typ
         elif model_cfg[key] != description[key]:
             log.warning("model.%s=%s (typed) overrides %s recorded for %s (%s)", key, model_cfg[key],
                         description[key], checkpoint, source)
-    model_cfg.name, model_cfg.size = description["name"], description["size"]
+    model_cfg.name, model_cfg.size = description["name"], size_name(description["size"])
     net = dict(description["net"])
+    if "size" in net:
+        net["size"] = size_name(net["size"])
     if "image_size" in net:
         net["image_size"] = int(model_cfg.image_size)
     model_cfg.net = net

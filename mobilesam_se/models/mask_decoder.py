@@ -30,11 +30,15 @@ Tensor = torch.Tensor
 
 @dataclass
 class DecoderOutput:
+    """What the model returns, from `decode` / `predict_grid` and from `SamModel.forward` (which adds
+    the image embeddings)."""
+
     masks: Tensor  # (B, P, M, 4h, 4w) low-res logits
     iou_pred: Tensor  # (B, P, M) predicted IoU (an IoU estimate, no sigmoid)
     tokens: Optional[Tensor] = None  # (B, P, T, C) transformer query outputs (prompt-conditioned)
     mask_token_out: Optional[Tensor] = None  # (B, P, M, C') hypernetwork outputs of the used tokens
     attention: Dict[str, List[Tensor]] = field(default_factory=dict)
+    embeddings: Optional[Tensor] = None  # (B, C, h, w) the image embeddings decoded from (SamModel.forward)
 
 
 class MaskDecoder(nn.Module):

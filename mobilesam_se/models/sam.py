@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import ctypes.util
 from typing import Any, List, Optional, Sequence, Set
 
@@ -255,27 +256,12 @@ class SamModel(nn.Module):
         points: Tensor,
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
-        activation_checkpointing: Optional[bool] = None,
         return_features: bool = False,
         record_attention: bool = False,
-    ) -> dict:
-        """Encode images and decode their grids in one call (the unit DDP wraps).
-
-        Returns a dict: `embeddings` (B, C, h, w), `masks` (B, P, M, S/4, S/4), `iou_pred` (B, P, M),
-        and with `return_features` the decoder's `tokens` / `mask_token_out` / `attention`.
-        `activation_checkpointing` (None: the `grad_checkpointing` flag) overrides the flag for this
-        call only; it stays for the callers written before the flag (`engine.everything`).
-        """
+    ) -> DecoderOutput:
+        """Encode images and decode their grids in one call: `predict_grid`'s output with the
+        `embeddings` (B, C, h, w) it decoded from (the prompted loss and distillation reuse them)."""
         embeddings = self.encode(pixels)
-        flag = self.grad_checkpointing
-        if activation_checkpointing is not None:
-            self.grad_checkpointing = activation_checkpointing
-        try:
-            out = self.predict_grid(embeddings, points, multimask_output, points_per_batch, return_features,
-                                    record_attention)
-        finally:
-            self.grad_checkpointing = flag
-        result = {"embeddings": embeddings, "masks": out.masks, "iou_pred": out.iou_pred}
-        if return_features:
-            result.update(tokens=out.tokens, mask_token_out=out.mask_token_out, attention=out.attention)
-        return result
+        out = self.predict_grid(embeddings, points, multimask_output, points_per_batch, return_features,
+                                record_attention)
+        return dataclasses.replace(out, embeddings=embeddings)

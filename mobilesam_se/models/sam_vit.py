@@ -28,11 +28,10 @@ a 256 input. Windowed blocks' `rel_pos` (2 * window - 1) does not depend on `img
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -45,9 +44,7 @@ __all__ = [
     "SAM_VIT_CONFIGS",
     "SAM_PRETRAIN_IMG_SIZE",
     "SamViTConfig",
-    "SamCheckpointError",
     "build_sam_vit_encoder",
-    "load_sam_vit_encoder",
     "sam_encoder_state_dict_to_timm",
     "timm_encoder_state_dict_to_sam",
     "sam_vit_variant_from_checkpoint",
@@ -76,10 +73,6 @@ SAM_VIT_CONFIGS: Dict[str, SamViTConfig] = {
     # Same topology (windowed + global blocks, rel-pos, neck) at toy size: for tests and CPU smoke runs.
     "tiny": SamViTConfig(embed_dim=64, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4),
 }
-
-
-class SamCheckpointError(RuntimeError):
-    """A checkpoint's image-encoder weights do not fit the requested encoder."""
 
 
 def _resolve_config(variant: Union[str, SamViTConfig]) -> SamViTConfig:
@@ -267,62 +260,3 @@ def sam_vit_variant_from_checkpoint(sd: Mapping[str, torch.Tensor]) -> str:
         f"no SAM ViT variant has embed_dim={embed_dim}, depth={depth}, head_dim={head_dim}, "
         f"patch_size={patch_size}; known: {sorted(SAM_VIT_CONFIGS)}"
     )
-
-
-# -- loading ------------------------------------------------------------------------------------
-
-
-def _abbreviate(keys: List[str], limit: int = 12) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
-
-
-def load_sam_vit_encoder(
-    variant: Union[str, SamViTConfig],
-    checkpoint_path: Union[str, os.PathLike],
-    img_size: int = SAM_PRETRAIN_IMG_SIZE,
-    fused_attn: bool = True,
-) -> VisionTransformerSAM:
-    """Build the encoder and load it strictly from an official (full) SAM checkpoint, in eval mode.
-
-    Raises `FileNotFoundError` for a missing file, and `SamCheckpointError` naming the file when its
-    `image_encoder.*` weights do not fit the variant (missing / unexpected keys, wrong shapes).
-    Freezing (requires_grad) is left to the caller.
-    """
-    path = os.fspath(checkpoint_path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"SAM checkpoint not found: {path}")
-    cfg = _resolve_config(variant)
-    model = build_sam_vit_encoder(cfg, img_size=img_size, fused_attn=fused_attn)
-
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, Mapping):
-        raise SamCheckpointError(f"{path}: expected a state dict, got {type(raw).__name__}")
-    sd = sam_encoder_state_dict_to_timm(raw)
-    # Resize only with a pos_embed to read the source grid from; without one the key check reports it.
-    if "pos_embed" in sd:
-        sd = _resize_to_img_size(sd, img_size, cfg.patch_size, cfg.global_attn_indexes)
-
-    # Check keys and shapes ourselves: torch's strict error does not name the file, and a
-    # ViT-H file given as vit_b would otherwise surface as hundreds of size-mismatch lines.
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    mismatched = sorted(
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in set(sd) & set(expected)
-        if sd[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mismatched:
-        try:
-            hint = f" (the file looks like {sam_vit_variant_from_checkpoint(sd)!r})"
-        except ValueError:
-            hint = ""
-        name = variant if isinstance(variant, str) else cfg
-        raise SamCheckpointError(
-            f"{path}: image encoder weights do not fit {name} at img_size={img_size}{hint}; "
-            f"missing keys {_abbreviate(missing)}; unexpected keys {_abbreviate(unexpected)}; "
-            f"shape mismatches (file vs model) {_abbreviate(mismatched)}"
-        )
-    model.load_state_dict(sd, strict=True)
-    return model.eval()

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from mobilesam_se.errors import UserError
+from mobilesam_se.errors import CheckpointError, UserError
 from mobilesam_se.models.build import DECODER_SIZES, build_mobilesam, build_sam_head
 from mobilesam_se.models.checkpoint import load_official_state_dict, model_state_from_file, read_checkpoint
 from mobilesam_se.models.sam import SamModel
@@ -25,6 +25,7 @@ from mobilesam_se.models.sam_vit import (
     SamViTConfig,
     build_sam_vit_encoder,
     sam_encoder_state_dict_to_timm,
+    sam_vit_variant_from_checkpoint,
     timm_encoder_state_dict_to_sam,
 )
 
@@ -84,7 +85,18 @@ def _decoder_size_for(dim: int) -> str:
     raise ValueError(f"no decoder size has dim {dim}; known: { {k: v['dim'] for k, v in DECODER_SIZES.items()} }")
 
 
-def build_sam_vit_teacher(config: SamViTConfig, image_size: int, decoder_size: str = "sam") -> SamModel:
+def _variant_hint(state: Dict[str, torch.Tensor]) -> str:
+    """Which SAM ViT the file's encoder is, for the error of a teacher model that does not fit it
+    (a ViT-H file given as sam_vit_b would otherwise read as hundreds of shape mismatches)."""
+    try:
+        variant = sam_vit_variant_from_checkpoint(state)
+    except ValueError:
+        return ""
+    name = next((m for m, v in SAM_VIT_MODELS.items() if v == variant), variant)
+    return f"\n  its image encoder looks like {name!r} (distillation.teachers[i].model)"
+
+
+def build_sam_vit_teacher(config: SamViTConfig, image_size: int, decoder_size: str = "mobilesam") -> SamModel:
     """A SAM ViT encoder + SAM prompt encoder / mask decoder at `image_size`, randomly initialised."""
     return build_sam_head(SamVitImageEncoder(config, image_size), image_size, decoder_size)
 
@@ -101,11 +113,15 @@ def build_teacher_model(spec: TeacherSpec, image_size: int, tiny_dim: int = 32) 
             config = dataclasses.replace(SAM_VIT_CONFIGS["tiny"], neck_chans=tiny_dim)
             model = build_sam_vit_teacher(config, image_size, _decoder_size_for(tiny_dim))
     elif spec.model == "mobilesam":
-        model = build_mobilesam(image_size, size="full", checkpoint=spec.checkpoint)
+        model = build_mobilesam(image_size, size="mobilesam", checkpoint=spec.checkpoint)
     else:
-        model = build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "sam")
+        model = build_sam_vit_teacher(SAM_VIT_CONFIGS[SAM_VIT_MODELS[spec.model]], image_size, "mobilesam")
         # Full SAM checkpoint: image_encoder.* through the sam_vit mapping, the rest by name; strict.
-        load_official_state_dict(model, model_state_from_file(read_checkpoint(spec.checkpoint)), str(spec.checkpoint))
+        state = model_state_from_file(read_checkpoint(spec.checkpoint))
+        try:
+            load_official_state_dict(model, state, str(spec.checkpoint))
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}{_variant_hint(state)}") from None
     return freeze_teacher(model)
 
 
@@ -136,7 +152,7 @@ def build_teacher_decoder_only(spec: TeacherSpec, image_size: int) -> SamModel:
     """A checkpointed teacher's prompt encoder and mask decoder (strictly loaded), no image encoder."""
     if spec.model == "tiny":
         raise ValueError("the tiny teacher is built whole (its decoder's init depends on its encoder's)")
-    model = build_sam_head(EncoderNotLoaded(), image_size, "sam")
+    model = build_sam_head(EncoderNotLoaded(), image_size, "mobilesam")
     load_official_state_dict(model, _read_without_encoder(str(spec.checkpoint)), str(spec.checkpoint))
     return freeze_teacher(model)
 
@@ -177,7 +193,7 @@ def teacher_dim(model: SamModel) -> int:
 
 def expected_teacher_dim(spec: TeacherSpec, tiny_dim: int = 32) -> int:
     """The teacher's embedding / decoder width, known before building it: SAM's 256, or tiny's."""
-    return tiny_dim if spec.model == "tiny" else DECODER_SIZES["sam"]["dim"]
+    return tiny_dim if spec.model == "tiny" else DECODER_SIZES["mobilesam"]["dim"]
 
 
 __all__: List[str] = [

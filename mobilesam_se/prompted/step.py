@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from mobilesam_se.data.sample import Batch
 from mobilesam_se.precision import autocast
 from mobilesam_se.prompted.loss import PromptedLossWeights, best_candidate_loss
 from mobilesam_se.prompted.sampling import ObjectPrompts, PromptSampling, sample_prompts
@@ -41,11 +42,11 @@ class PromptedLoss:
         self.points_per_batch = points_per_batch
         self.weight = weight
 
-    def _embeddings(self, model: nn.Module, batch: Dict[str, Any], embeddings: Optional[Tensor], device: torch.device,
+    def _embeddings(self, model: nn.Module, batch: Batch, embeddings: Optional[Tensor], device: torch.device,
                     autocast_dtype: Optional[torch.dtype]) -> Tensor:
         if embeddings is not None:
             return embeddings
-        pixels = batch["image"].to(device, non_blocking=True)
+        pixels = batch.image.to(device, non_blocking=True)
         with autocast(device, autocast_dtype):
             return model.encode(pixels)
 
@@ -66,7 +67,7 @@ class PromptedLoss:
     def __call__(
         self,
         model: nn.Module,
-        batch: Dict[str, Any],
+        batch: Batch,
         embeddings: Optional[Tensor],
         device: torch.device,
         autocast_dtype: Optional[torch.dtype] = None,
@@ -80,8 +81,8 @@ class PromptedLoss:
         iou_pred: List[Tensor] = []
         targets: List[Tensor] = []
         for b in range(embeddings.shape[0]):
-            masks_lowres = batch["masks_lowres"][b]
-            prompts = sample_prompts(masks_lowres, tuple(batch["input_size"][b]), model.image_size,
+            masks_lowres = batch.masks_lowres[b]
+            prompts = sample_prompts(masks_lowres, tuple(batch.input_size[b]), model.image_size,
                                      self.sampling, generator)
             for by_box in (True, False):
                 rows = torch.nonzero(prompts.use_box == by_box).flatten()

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the help
 from helpers.hydra_utils import compose_cfg  # noqa: E402
 
 from mobilesam_se.models.checkpoint import official_state_dict  # noqa: E402
-from mobilesam_se.setup import build_run  # noqa: E402
+from mobilesam_se.assembly import build_run  # noqa: E402
 
 
 def main() -> None:

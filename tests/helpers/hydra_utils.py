@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from mobilesam_se.setup import register_resolvers
+from mobilesam_se.assembly import register_resolvers
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

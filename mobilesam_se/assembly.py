@@ -32,7 +32,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo_root", lambda: str(Path(__file__).resolve().parents[1]))
 
 
-def seed_everything(seed: int) -> None:
+def seed_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (seed_everything is the recipe's name,
+    conf/experiment/seed_everything.yaml)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -221,7 +223,7 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     check_can_learn(cfg)
     teacher_specs = resolve_checkpoints(cfg)
     train_set, val_set = build_datasets(cfg, progress=bool(cfg.trainer.get("progress", True)) and dist_info.is_main)
-    seed_everything(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    seed_rngs(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     model = instantiate(cfg.model.net)
     logger = None
     if cfg.get("logger") is not None and dist_info.is_main:
