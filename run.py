@@ -41,4 +41,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from mobilesam_se.config import check_moved_keys
+
+    check_moved_keys(sys.argv[1:])  # an old key name: its new name, not just "unknown key"
     main()

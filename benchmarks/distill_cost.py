@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cfg(preset: str, image_size: int, grid: int):
     sys.path.insert(0, str(REPO / "tests"))
-    from hydra_utils import compose_cfg  # the same composition as run.py
+    from helpers.hydra_utils import compose_cfg  # the same composition as run.py
 
     return compose_cfg([f"distillation={preset}", "model.multimask_output=false", f"model.image_size={image_size}",
                         f"dataset.grid_points={grid}", "logger=none"])
@@ -72,7 +72,8 @@ def _batch(image_size: int, grid: int):
 
 
 def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str, Any]:
-    from mobilesam_se.losses.everything import EverythingLoss
+    from hydra.utils import instantiate
+
     from mobilesam_se.models.build import build_mobilesam
     from mobilesam_se.objective import SegmentEverythingObjective
 
@@ -81,7 +82,7 @@ def measure_one(preset: str, image_size: int, grid: int, steps: int) -> Dict[str
     cfg = _cfg(preset, image_size, grid)
     student = build_mobilesam(image_size, "mobilesam").train()
     distiller = _distiller(cfg, image_size)
-    objective = SegmentEverythingObjective(student, EverythingLoss(), distiller=distiller,
+    objective = SegmentEverythingObjective(student, instantiate(cfg.loss), distiller=distiller,
                                           multimask_output=cfg.model.multimask_output,
                                           points_per_batch=cfg.model.points_per_batch)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)

@@ -35,6 +35,18 @@ quiet_imports()
 ROOT = Path(__file__).resolve().parent.parent
 
 
+
+def _recipe_loss():
+    """The recipe's everything loss (experiment=seed_everything), from its YAML."""
+    import sys
+
+    from hydra.utils import instantiate
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers.hydra_utils import compose_cfg
+
+    return instantiate(compose_cfg(["experiment=seed_everything", "logger=none"]).loss)
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -173,7 +185,6 @@ def segment_and_parity(device: torch.device, grid: int, reps: int, compile_decod
 
 def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
     """The full recipe's step: encoder + 32x32x3 grid, bf16 autocast, checkpointing, real loss, AdamW."""
-    from mobilesam_se.losses.everything import EverythingLoss
     from mobilesam_se.models.build import build_mobilesam
     from mobilesam_se.data.sample import Batch
     from mobilesam_se.objective import SegmentEverythingObjective
@@ -196,7 +207,7 @@ def train_step(device: torch.device, quick: bool, reps: int) -> Dict[str, Any]:
                  masks_lowres=gts)
     model.set_grad_checkpointing(True)
     objective = SegmentEverythingObjective(
-        model, EverythingLoss(), multimask_output=True, points_per_batch=grid * grid if device.type == "cuda" else 64,
+        model, _recipe_loss(), multimask_output=True, points_per_batch=grid * grid if device.type == "cuda" else 64,
         autocast_dtype=torch.bfloat16)
 
     def step() -> None:

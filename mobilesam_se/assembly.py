@@ -129,7 +129,7 @@ def build_datasets(cfg: DictConfig, progress: bool = False):
             continue
         _require_paths(cfg, name, node)
         ds = instantiate(node, on_error="skip")
-        found = check_dataset(ds, progress=progress, cache_dir=cfg.dataset.get("check_cache"))
+        found = check_dataset(ds, progress=progress, cache_dir=cfg.paths.cache_dir)
         if found and cfg.dataset.on_error != "raise":
             log.warning("%s set: skipped %d bad sample(s); first: %s", name, len(found), found[0])
         problems += [p for p in found if p not in problems]  # val may be the train folder: each problem once
@@ -152,7 +152,7 @@ def resolve_checkpoints(cfg: DictConfig) -> list:
         from mobilesam_se.distill import check_distillation
 
         specs = check_distillation(cfg)
-    paths = resolve_many([cfg.model.get("checkpoint")] + [s.checkpoint for s in specs], cfg.get("weights_dir"))
+    paths = resolve_many([cfg.model.get("checkpoint")] + [s.checkpoint for s in specs], cfg.paths.weights_dir)
     if cfg.model.get("checkpoint"):
         with open_dict(cfg):
             cfg.model.checkpoint = paths[0]
@@ -180,18 +180,15 @@ def sweep_labels(cfg: DictConfig) -> dict:
 
 
 def build_objective(cfg: DictConfig, model, distiller=None):
-    """The student, its everything-mode loss and (by `dataset.mode`) the prompted loss, with the
+    """The student, its everything-mode loss and (by `prompted.mode`) the prompted loss, with the
     distiller, as the one module the trainer optimises (and DDP wraps)."""
     from mobilesam_se.objective import SegmentEverythingObjective
 
-    prompted = None
-    if cfg.dataset.mode in ("single", "mixed"):
-        from mobilesam_se.prompted import build_prompted_loss
-
-        prompted = build_prompted_loss(cfg)
+    mode = cfg.prompted.mode
+    prompted = instantiate(cfg.prompted) if mode in ("single", "mixed") else None
     m = cfg.model
     return SegmentEverythingObjective(
-        model, instantiate(cfg.loss), mode=cfg.dataset.mode, prompted=prompted, distiller=distiller,
+        model, instantiate(cfg.loss), mode=mode, prompted=prompted, distiller=distiller,
         multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
         prompts_per_step=cfg.dataset.prompts_per_step,
     )

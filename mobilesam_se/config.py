@@ -30,38 +30,59 @@ class ModelConfig:
 
 @dataclass
 class DatasetConfig:
+    # Defaults in conf/dataset/shared/dataset.yaml, which every option merges first.
     name: str = MISSING
     # where the data is (which keys matter depends on the dataset option)
-    root: Optional[str] = None
-    val_root: Optional[str] = None  # null: validate on the training data, with a warning
-    val_is_train: bool = False  # set at start-up: the val split is the training data
-    image_dir: Optional[str] = None
-    annotation_file: Optional[str] = None
-    val_image_dir: Optional[str] = None
-    val_annotation_file: Optional[str] = None
-    mode: str = "everything"  # everything | single | mixed
-    grid_points: int = 32  # G: G x G single-point prompts per image
-    prompts_per_step: Optional[int] = None  # sub-sample the grid per step (None: all)
-    max_masks_per_image: Optional[int] = None
-    on_error: str = "raise"  # raise | skip
-    check_cache: Optional[str] = None  # folder caching the start-up dataset check; None: $MOBILESAM_SE_CACHE or ~/.cache/mobilesam_se
-    batch_size: int = 1
-    val_batch_size: int = 1
-    num_workers: int = 0
-    val_max_images: Optional[int] = None
-    # prompted (single / mixed) mode, see docs/prompted.md
-    prompt_mode: str = "mixed"  # box | point | mixed (each object: box or points, 50/50)
-    max_bbox_shift: int = 20  # input-frame pixels each box side may move
-    min_points: int = 1  # positive points per point-prompted object: [min_points, max_points]
-    max_points: int = 3
-    negative_points: int = 0  # negative points per point-prompted object
-    objects_per_image: int = 16  # objects prompted per image and step
-    mixed_weight: float = 1.0  # mixed mode: weight of the prompted loss added to the everything loss
-    prompted_w_focal: float = 20.0  # SAM's 20 : 1 focal : dice, also the best-of-3 selection score
-    prompted_w_dice: float = 1.0
-    prompted_w_iou: float = 1.0  # IoU-head MSE on all candidates
+    root: Optional[str] = MISSING
+    val_root: Optional[str] = MISSING  # null: validate on the training data, with a warning
+    val_is_train: bool = MISSING  # set at start-up: the val split is the training data
+    image_dir: Optional[str] = MISSING
+    annotation_file: Optional[str] = MISSING
+    val_image_dir: Optional[str] = MISSING
+    val_annotation_file: Optional[str] = MISSING
+    grid_points: int = MISSING  # G: G x G single-point prompts per image
+    prompts_per_step: Optional[int] = MISSING  # sub-sample the grid per step (None: all)
+    max_masks_per_image: Optional[int] = MISSING
+    on_error: str = MISSING  # raise | skip
+    batch_size: int = MISSING
+    val_batch_size: int = MISSING
+    num_workers: int = MISSING
+    val_max_images: Optional[int] = MISSING
     train: Any = MISSING  # {_target_: ..., **dataset kwargs}
-    val: Any = None
+    val: Any = MISSING
+
+
+@dataclass
+class PromptedConfig:
+    """The training mode and the prompted loss (conf/prompted/default.yaml)."""
+
+    _target_: str = MISSING
+    mode: str = MISSING  # everything | single | mixed
+    mixed_weight: float = MISSING
+    prompt_mode: str = MISSING  # box | point | mixed
+    objects_per_image: int = MISSING
+    max_bbox_shift: int = MISSING
+    min_points: int = MISSING
+    max_points: int = MISSING
+    negative_points: int = MISSING
+    w_focal: float = MISSING
+    w_dice: float = MISSING
+    w_iou: float = MISSING
+    focal_alpha: float = MISSING  # the everything loss's, by interpolation
+    focal_gamma: float = MISSING
+    multimask_output: bool = MISSING  # the model's, by interpolation
+    points_per_batch: int = MISSING
+
+
+@dataclass
+class PathsConfig:
+    """Paths from the environment (conf/paths/default.yaml); null: the code's fallback."""
+
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    coco_sample_dir: str = MISSING
+    weights_dir: Optional[str] = MISSING
+    cache_dir: Optional[str] = MISSING
 
 
 @dataclass
@@ -69,7 +90,6 @@ class MatchingConfig:
     fg_iou: float = MISSING
     point_credit: float = MISSING  # added to the assignment score when the prompt lies in the object
     point_fg: bool = MISSING  # an assigned pair whose prompt lies in the object is foreground
-    point_supervision: bool = MISSING  # also supervise each prompt's best candidate toward its object
     allow_random_init: bool = False  # start the plain rule from random weights anyway (it cannot learn)
 
 
@@ -89,7 +109,7 @@ class LossConfig:
     fg_iou: float = MISSING  # the matching rule's, by interpolation in conf/loss/everything.yaml
     point_credit: float = MISSING
     point_fg: bool = MISSING
-    point_supervision: bool = MISSING
+    point_supervision: bool = MISSING  # also supervise each prompt's best candidate toward its object (on with matching=bootstrap)
 
 
 @dataclass
@@ -223,7 +243,7 @@ class TrainerConfig:
     log_every: int = MISSING
     deterministic: bool = MISSING
     progress: bool = MISSING
-    prompted_eval: bool = MISSING  # also log val/prompted/* (always on when dataset.mode != everything)
+    prompted_eval: bool = MISSING  # also log val/prompted/* (always on when prompted.mode != everything)
     # COCO mask AP/AR + IoU-head calibration (val/coco_raw/*, val/coco_amg/*, val/calibration/*) at the
     # validations of every N-th epoch and the last one; 0: off (COCOeval and the AMG pass are slow)
     coco_eval_every: int = MISSING
@@ -254,6 +274,7 @@ class LoggerConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    prompted: PromptedConfig = field(default_factory=PromptedConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
@@ -264,11 +285,39 @@ class Config:
     seed: int = 0
     task_name: str = "train"
     output_dir: Optional[str] = None  # defaults to Hydra's run directory
-    # where checkpoint names (mobile_sam, sam_vit_h, ...) are downloaded; None: $MOBILESAM_SE_WEIGHTS,
-    # $TORCH_HOME/mobilesam_se or ~/.cache/torch/mobilesam_se (mobilesam_se/weights.py)
-    weights_dir: Optional[str] = None
+    paths: PathsConfig = field(default_factory=PathsConfig)
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+# Keys that moved to a group of their own (issue 13): Hydra alone would only call the old key unknown.
+MOVED_KEYS = {
+    "dataset.mode": "prompted.mode",
+    "dataset.mixed_weight": "prompted.mixed_weight",
+    "dataset.prompt_mode": "prompted.prompt_mode",
+    "dataset.objects_per_image": "prompted.objects_per_image",
+    "dataset.max_bbox_shift": "prompted.max_bbox_shift",
+    "dataset.min_points": "prompted.min_points",
+    "dataset.max_points": "prompted.max_points",
+    "dataset.negative_points": "prompted.negative_points",
+    "dataset.prompted_w_focal": "prompted.w_focal",
+    "dataset.prompted_w_dice": "prompted.w_dice",
+    "dataset.prompted_w_iou": "prompted.w_iou",
+    "dataset.check_cache": "paths.cache_dir",
+    "matching.point_supervision": "loss.point_supervision",
+    "weights_dir": "paths.weights_dir",
+}
+
+
+def check_moved_keys(overrides: List[str]) -> None:
+    """Exit with the new names when a command-line override uses a key that moved."""
+    moved = []
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and key in MOVED_KEYS:
+            moved.append(f"{key} is now {MOVED_KEYS[key]} ({MOVED_KEYS[key]}={arg.split('=', 1)[1]})")
+    if moved:
+        raise SystemExit("error: renamed config key(s): " + "; ".join(moved))

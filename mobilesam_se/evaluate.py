@@ -22,7 +22,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mobilesam_se.config import DatasetConfig, ModelConfig
+from mobilesam_se.config import DatasetConfig, ModelConfig, PathsConfig
 from mobilesam_se.errors import UserError, report_user_errors
 from mobilesam_se.assembly import register_resolvers
 
@@ -53,7 +53,7 @@ class EvaluateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     checkpoint: Optional[str] = None  # mobile_sam.pt, our best.pt or last.ckpt, or a name (mobile_sam)
-    weights_dir: Optional[str] = None  # where names are downloaded (mobilesam_se/weights.py)
+    paths: PathsConfig = field(default_factory=PathsConfig)  # paths.weights_dir: where names download
     allow_random: bool = False  # evaluate a randomly initialised model (demos, tests)
     split: str = "val"  # val | train
     output: Optional[str] = None  # default: Hydra's run directory
@@ -116,7 +116,7 @@ def run_evaluation(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -
     ds_cfg = cfg.dataset.get(cfg.split)
     if ds_cfg is None:
         raise UserError(f"dataset {cfg.dataset.name} has no {cfg.split} split (set split=train or another dataset=)")
-    checkpoint = resolve(checkpoint, cfg.get("weights_dir")) if checkpoint else None
+    checkpoint = resolve(checkpoint, cfg.paths.weights_dir) if checkpoint else None
 
     seed_rngs(cfg.seed)
     device = resolve_device(cfg.device)
@@ -182,4 +182,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from mobilesam_se.config import check_moved_keys
+
+    check_moved_keys(sys.argv[1:])  # an old key name: its new name, not just "unknown key"
     main()

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mobilesam_se.config import ModelConfig
+from mobilesam_se.config import ModelConfig, PathsConfig
 
 Tensor = torch.Tensor
 
@@ -50,7 +50,7 @@ class ExportConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: Optional[str] = MISSING
-    weights_dir: Optional[str] = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)  # paths.weights_dir: where names download
     format: str = MISSING
     out: Optional[str] = MISSING
     onnx: Any = MISSING  # opset, dynamo, check
@@ -203,7 +203,7 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> Path:
         raise ValueError("checkpoint=<file> is required (mobile_sam.pt, best.pt or last.ckpt)")
     if not cfg.out:
         raise ValueError("out=<file> is required")
-    ckpt = Path(resolve(cfg.checkpoint, cfg.get("weights_dir")))  # a file, or a name such as mobile_sam
+    ckpt = Path(resolve(cfg.checkpoint, cfg.paths.weights_dir))  # a file, or a name such as mobile_sam
     fmt = str(cfg.format)
     if fmt not in ("mobile_sam", "onnx"):
         raise ValueError(f"format must be mobile_sam or onnx, got {fmt!r}")
@@ -244,4 +244,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from mobilesam_se.config import check_moved_keys
+
+    check_moved_keys(sys.argv[1:])  # an old key name: its new name, not just "unknown key"
     _main()

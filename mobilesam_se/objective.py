@@ -80,9 +80,9 @@ class SegmentEverythingObjective(nn.Module):
     ) -> None:
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"dataset.mode must be one of {MODES}, got {mode!r}")
+            raise ValueError(f"prompted.mode must be one of {MODES}, got {mode!r}")
         if mode != "everything" and prompted is None:
-            raise ValueError(f"dataset.mode={mode} needs the prompted loss")
+            raise ValueError(f"prompted.mode={mode} needs the prompted loss")
         self.model = model
         self.criterion = criterion
         self.mode = mode

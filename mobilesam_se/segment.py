@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from mobilesam_se.config import ModelConfig
+from mobilesam_se.config import ModelConfig, PathsConfig
 
 log = logging.getLogger("segment")
 
@@ -31,7 +31,7 @@ class SegmentConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     checkpoint: Optional[str] = MISSING
-    weights_dir: Optional[str] = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)  # paths.weights_dir: where names download
     input: Optional[str] = MISSING
     output: Optional[str] = MISSING
     device: str = MISSING
@@ -91,7 +91,7 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> List[Path]:
             raise ValueError(f"{key}=... is required: python -m mobilesam_se.segment checkpoint=<file> input=<image|folder> output=<dir>")
     from mobilesam_se.weights import resolve
 
-    ckpt, src, out_dir = Path(resolve(cfg.checkpoint, cfg.get("weights_dir"))), Path(cfg.input), Path(cfg.output)
+    ckpt, src, out_dir = Path(resolve(cfg.checkpoint, cfg.paths.weights_dir)), Path(cfg.input), Path(cfg.output)
     files = find_images(src, bool(cfg.get("recursive", False)))
     overrides = command_line_overrides() if overrides is None else list(overrides)
     gen_kwargs = OmegaConf.to_container(cfg.generator, resolve=True)
@@ -155,4 +155,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from mobilesam_se.config import check_moved_keys
+
+    check_moved_keys(sys.argv[1:])  # an old key name: its new name, not just "unknown key"
     _main()

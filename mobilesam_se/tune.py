@@ -20,7 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from mobilesam_se.config import DatasetConfig, ModelConfig
+from mobilesam_se.config import DatasetConfig, ModelConfig, PathsConfig
 from mobilesam_se.errors import UserError, report_user_errors
 from mobilesam_se.assembly import register_resolvers
 
@@ -32,7 +32,7 @@ class TuneConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     checkpoint: Optional[str] = None  # required: mobile_sam.pt, best.pt or last.ckpt, or a name (mobile_sam)
-    weights_dir: Optional[str] = None  # where names are downloaded (mobilesam_se/weights.py)
+    paths: PathsConfig = field(default_factory=PathsConfig)  # paths.weights_dir: where names download
     split: str = "val"
     device: str = "auto"
     max_images: Optional[int] = None  # default: every image of the split
@@ -52,7 +52,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     """The checkpoint file: `checkpoint` itself, or the cached official file of a name (mobile_sam)."""
     from mobilesam_se.weights import resolve
 
-    return Path(resolve(cfg.checkpoint, cfg.get("weights_dir")))
+    return Path(resolve(cfg.checkpoint, cfg.paths.weights_dir))
 
 
 def load_for_tuning(cfg: DictConfig, overrides: Optional[Sequence[str]] = None):
@@ -110,4 +110,9 @@ def main(cfg: DictConfig) -> Dict[str, Any]:
 register_resolvers()
 
 if __name__ == "__main__":
+    import sys
+
+    from mobilesam_se.config import check_moved_keys
+
+    check_moved_keys(sys.argv[1:])  # an old key name: its new name, not just "unknown key"
     main()

@@ -9,7 +9,7 @@ Anywhere a checkpoint is configured (`model.checkpoint`, a teacher's `checkpoint
 `checkpoint=`) a name resolves to the cached file, downloading it first when it is missing; any
 other value is a local path, used as it is.
 
-Cache folder, first that is set: the `weights_dir` config key, `$MOBILESAM_SE_WEIGHTS`,
+Cache folder, first that is set: the `paths.weights_dir` config key, `$MOBILESAM_SE_WEIGHTS`,
 `$TORCH_HOME/mobilesam_se`, `~/.cache/torch/mobilesam_se`. A download goes to a temporary file in
 that folder and is renamed onto its final name only after its SHA-256 matched, so an interrupted or
 corrupted download never looks like a checkpoint. `MOBILESAM_SE_OFFLINE=1` never tries the network.
@@ -160,7 +160,7 @@ def download(entry: WeightsEntry, root: Path, progress: bool = True) -> Path:
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(f"cannot create the weights folder {root} ({exc}); set weights_dir=<folder> or ${ENV_DIR}") from exc
+        raise UserError(f"cannot create the weights folder {root} ({exc}); set paths.weights_dir=<folder> or ${ENV_DIR}") from exc
     fd, tmp_name = tempfile.mkstemp(prefix="." + entry.filename + ".", suffix=".part", dir=root)
     tmp = Path(tmp_name)
     h = hashlib.sha256()
@@ -210,7 +210,7 @@ def _unreachable(entries: Sequence[WeightsEntry], root: Path, reason: object) ->
     return UserError(
         f"checkpoint(s) not in the cache and {how}: " + "; ".join(lines)
         + f". On a machine with network run `{fetch_command([e.name for e in entries], None)}` "
-        f"(cache: {root}; set weights_dir=<folder> or ${ENV_DIR} to use another), "
+        f"(cache: {root}; set paths.weights_dir=<folder> or ${ENV_DIR} to use another), "
         "copy the files there, or pass local paths instead of the names"
     )
 

@@ -13,8 +13,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+from helpers.slurm_utils import slurm, slurm_cluster  # noqa: E402,F401 (fixtures: one local SLURM for the session)
+
 REPO = Path(__file__).resolve().parents[1]
 COCO_SAMPLE = REPO.parent / "shared" / "data" / "coco_sample"
+
+
+@pytest.fixture
+def synthetic_data(tmp_path_factory, monkeypatch) -> Path:
+    """One folder of generated scenes for the session (paths.data_dir, from $MOBILESAM_SE_DATA), so
+    each set of scenes is generated once however many tests train on it."""
+    path = tmp_path_factory.getbasetemp() / "data"
+    monkeypatch.setenv("MOBILESAM_SE_DATA", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine.freeze import estimate_batchnorm_stats
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import load_model_weights
 from mobilesam_se.assembly import build_run
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def test_estimate_gives_population_statistics_and_keeps_the_mode():
@@ -39,7 +37,7 @@ def test_estimate_gives_population_statistics_and_keeps_the_mode():
 
 
 def test_training_keeps_the_estimated_statistics(tmp_path):
-    cfg = compose_cfg(TINY_RUN + ["freeze.batchnorm_stats_epoch=0", "freeze.batchnorm_stats_images=3"])
+    cfg = compose_cfg(["debug=default", "freeze.batchnorm_stats_epoch=0", "freeze.batchnorm_stats_images=3"])
     trainer, cleanup = build_run(cfg, out_dir=Path(tmp_path))
     try:
         trainer.fit()
@@ -58,7 +56,7 @@ def test_training_keeps_the_estimated_statistics(tmp_path):
 
 def test_from_a_checkpoint_the_loaded_statistics_are_kept(tmp_path):
     def fit(overrides, out):
-        cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1"] + overrides)
+        cfg = compose_cfg(["debug=default", "trainer.max_epochs=1"] + overrides)
         trainer, cleanup = build_run(cfg, out_dir=Path(out))
         try:
             trainer.fit()

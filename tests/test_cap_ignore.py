@@ -2,9 +2,9 @@
 import numpy as np
 import torch
 
+from helpers.losses import everything_loss
 from mobilesam_se.data.folder import FolderDataset
 from mobilesam_se.data.folder_writer import write_folder_sample
-from mobilesam_se.losses.everything import EverythingLoss
 
 
 def test_capped_objects_become_an_ignore_region(tmp_path):
@@ -29,7 +29,7 @@ def test_loss_ignores_background_candidates_inside_the_ignore_region():
     logits[0, 0, :, :4] = 5.0  # matches the gt: foreground
     logits[1, 0, 5:, 5:] = 5.0  # segments the capped-out object
     pred_iou = torch.tensor([[0.9], [0.9]], requires_grad=True)
-    loss = EverythingLoss()
+    loss = everything_loss(cls_term="recipe")  # background candidates are negatives
     with_ignore = loss(logits, pred_iou, gt, ignore_lowres=ignore)
     without = loss(logits, pred_iou, gt)
     # without the ignore region the second candidate is background and its confident score is punished

@@ -13,7 +13,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.errors import ConfigError
 from mobilesam_se.models.build import build_from_checkpoint, build_mobilesam
 from mobilesam_se.models.checkpoint import (
@@ -38,9 +38,7 @@ def _data_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "data"
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(_data_dir(tmp_path_factory)))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def ckpts(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("described") / "run"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOBILESAM_SE_DATA", str(_data_dir(tmp_path_factory)))
-        trainer, cleanup = build_run(compose_cfg(TINY_RUN + TRAINED), out_dir=out)
+        trainer, cleanup = build_run(compose_cfg(["debug=default", *TRAINED]), out_dir=out)
         try:
             trainer.fit()
         finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine.distributed import detect_launch, port_from_job_id
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import official_state_dict, read_checkpoint
@@ -23,8 +23,8 @@ from mobilesam_se.assembly import build_run
 
 REPO = Path(__file__).resolve().parents[1]
 
-EQUIV = [o for o in TINY_RUN if not o.startswith(("dataset.batch_size", "trainer.val_every", "dataset.val.num"))] + [
-    "model.image_size=128", "dataset.val.num_images=1", "trainer.val_every=2", "freeze=encoder",
+EQUIV = [
+    "debug=default", "dataset.batch_size=1", "model.image_size=128", "dataset.val.num_images=1", "trainer.val_every=2", "freeze=encoder",
     "freeze.unfreeze_epoch=1",
 ]
 
@@ -129,9 +129,9 @@ def test_single_mode_ranks_stay_identical_under_ddp(tmp_path):
     out = tmp_path / "ddp_single"
     out.mkdir()
     overrides = [o for o in EQUIV if not o.startswith(("freeze", "trainer.val_every"))] + [
-        "dataset.mode=single", "dataset.batch_size=1", "trainer.val_every=0", "trainer.max_epochs=1"]
+        "prompted.mode=single", "dataset.batch_size=1", "trainer.val_every=0", "trainer.max_epochs=1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_rank_weights.py"), str(out), *overrides]
+           str(REPO / "tests" / "helpers" / "ddp_rank_weights.py"), str(out), *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(tmp_path), capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     info = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

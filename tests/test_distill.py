@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
+from helpers.losses import everything_loss
 from mobilesam_se.data.sample import Batch
 from mobilesam_se.distill import build_distiller
 from mobilesam_se.distill.cache import main as cache_main, precompute
@@ -16,7 +17,6 @@ from mobilesam_se.distill.distiller import TERM_NAMES, Distiller, MaskTeacherSet
 from mobilesam_se.distill.plateau import PlateauLambda
 from mobilesam_se.errors import UserError
 from mobilesam_se.objective import SegmentEverythingObjective
-from mobilesam_se.losses.everything import EverythingLoss
 from mobilesam_se.models import teachers as teachers_mod
 from mobilesam_se.models.build import build_mobilesam
 from mobilesam_se.models.checkpoint import CheckpointError, official_state_dict
@@ -38,9 +38,7 @@ TERM_KW = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _data_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def student(seed=0):
@@ -73,7 +71,7 @@ def make_batch(B=1, files=None, seed=0):
 
 
 def step(model, batch, multimask=True, features=True, attention=True):
-    objective = SegmentEverythingObjective(model, EverythingLoss(), multimask_output=multimask, points_per_batch=8)
+    objective = SegmentEverythingObjective(model, everything_loss(), multimask_output=multimask, points_per_batch=8)
     return objective.everything(batch, return_features=features, record_attention=attention)
 
 
@@ -387,7 +385,7 @@ def test_dual_supervision_adds_a_soft_loss_toward_teacher_masks():
 
 # -- end to end -------------------------------------------------------------------------------------
 def _fit(overrides, out_dir):
-    cfg = compose_cfg(TINY_RUN + [f"model.image_size={S}", "trainer.max_epochs=1", "trainer.max_steps=2",
+    cfg = compose_cfg(["debug=default", f"model.image_size={S}", "trainer.max_epochs=1", "trainer.max_steps=2",
                                   "trainer.log_every=1"] + overrides)
     trainer, cleanup = build_run(cfg, out_dir=Path(out_dir))
     try:

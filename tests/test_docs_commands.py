@@ -30,7 +30,7 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
-from hydra_utils import compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se import weights
 from mobilesam_se.data import write_folder_sample
 from mobilesam_se.models import teachers as teachers_mod
@@ -264,6 +264,11 @@ def test_doc_commands_are_found():
     assert len(cmds) > 30
     text = " | ".join(c for _, c in cmds)
     assert "python run.py distillation=full model.multimask_output=false" in text
+    assert "python run.py prompted.mode=single" in text  # the training mode's group (issue 13)
+    from mobilesam_se.config import MOVED_KEYS
+
+    old = [k for k in MOVED_KEYS if re.search(rf"(?<![\w.]){re.escape(k)}=", text)]
+    assert not old, f"documented commands use moved keys: {old}"
 
 
 def _unique_commands() -> List[Tuple[str, str]]:

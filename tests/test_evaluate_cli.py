@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.data.synthetic import SyntheticDataset
 from mobilesam_se.evaluation.validation import validate
@@ -30,9 +30,7 @@ KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def tiny_model(seed=0):
@@ -114,7 +112,7 @@ class RecordingLogger:
 
 
 def test_training_runs_the_evaluation(tmp_path):
-    cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1", "trainer.coco_eval_every=1", "trainer.coco_eval_amg=true",
+    cfg = compose_cfg(["debug=default", "trainer.max_epochs=1", "trainer.coco_eval_every=1", "trainer.coco_eval_amg=true",
                                   "dataset.val.num_images=1",
                                   "dataset.train.num_images=2", "dataset.val.image_hw=[96,128]"])
     trainer, cleanup = build_run(cfg, out_dir=tmp_path)
@@ -132,5 +130,5 @@ def test_training_runs_the_evaluation(tmp_path):
     assert "val/coco_raw/AR_100" in result["history"][0]
 
     # on by default at every 10th epoch's validation (AR@100 on the learning curves), the AMG pass off
-    defaults = compose_cfg(TINY_RUN).trainer
+    defaults = compose_cfg(["debug=default"]).trainer
     assert defaults.coco_eval_every == 10 and defaults.coco_eval_amg is False

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from mobilesam_se.losses import (EverythingLoss, bce_per_mask, dice_loss, dice_per_mask, focal_per_mask,
+from helpers.losses import everything_loss
+from mobilesam_se.losses import (bce_per_mask, dice_loss, dice_per_mask, focal_per_mask,
                                  iou_confidence_bce, iou_mse, sigmoid_bce, sigmoid_focal)
 
 
@@ -110,7 +111,7 @@ def scene():
 def test_everything_terms_and_weighted_sum():
     logits, pred_iou, gt = scene()
     weights = dict(w_bce=2.0, w_focal=3.0, w_dice=0.5, w_iou=4.0, w_cls=0.25)
-    out = EverythingLoss(**weights)(logits, pred_iou, gt)
+    out = everything_loss(**weights, cls_term="recipe")(logits, pred_iou, gt)
     fg_logits, fg_t = logits[[0, 2], 0], gt.float()
     assert out.terms["bce"].item() == pytest.approx(sigmoid_bce(fg_logits, fg_t).item(), rel=1e-6)
     assert out.terms["focal"].item() == pytest.approx(sigmoid_focal(fg_logits, fg_t).item(), rel=1e-6)
@@ -129,7 +130,7 @@ def test_everything_terms_and_weighted_sum():
 
 def test_mask_gradients_reach_only_fg_candidates():
     logits, pred_iou, gt = scene()
-    EverythingLoss()(logits, pred_iou, gt).terms["loss"].backward()
+    everything_loss()(logits, pred_iou, gt).terms["loss"].backward()
     per_cand = logits.grad.abs().flatten(1).sum(1)
     assert per_cand[0] > 0 and per_cand[2] > 0 and per_cand[1] == 0
     assert (pred_iou.grad != 0).all()  # IoU terms cover every candidate
@@ -141,18 +142,18 @@ def test_iou_target_assigned_vs_best():
     gt = strip((0, 10), (10, 20), w=20)
     logits = torch.where(strip((4, 13), (0, 10), w=20), 1.0, -1.0).reshape(2, 1, 1, 20)
     pred_iou = torch.zeros(2, 1)
-    assigned = EverythingLoss(iou_target="assigned")(logits, pred_iou, gt).terms["iou"].item()
-    best = EverythingLoss(iou_target="best")(logits, pred_iou, gt).terms["iou"].item()
+    assigned = everything_loss(iou_target="assigned")(logits, pred_iou, gt).terms["iou"].item()
+    best = everything_loss(iou_target="best")(logits, pred_iou, gt).terms["iou"].item()
     assert assigned == pytest.approx(((3 / 16) ** 2 + 1) / 2, rel=1e-5)
     assert best == pytest.approx(((6 / 13) ** 2 + 1) / 2, rel=1e-5)
     with pytest.raises(ValueError):
-        EverythingLoss(iou_target="zero")
+        everything_loss(iou_target="zero")
 
 
 def test_no_gt_zero_mask_terms_with_graph():
     logits = torch.randn(2, 3, 4, 4, requires_grad=True)
     pred_iou = torch.full((2, 3), 0.2, requires_grad=True)
-    out = EverythingLoss()(logits, pred_iou, torch.zeros(0, 4, 4, dtype=torch.bool))
+    out = everything_loss(cls_term="recipe")(logits, pred_iou, torch.zeros(0, 4, 4, dtype=torch.bool))
     for k in ("bce", "focal", "dice"):
         assert out.terms[k].item() == 0.0
     assert out.terms["iou"].item() == pytest.approx(0.04, rel=1e-5)  # all targets 0
@@ -167,12 +168,12 @@ def test_point_options_reach_the_matcher():
     gt = strip((0, 5))
     logits = torch.where(strip((4, 6)), 1.0, -1.0).reshape(1, 1, 1, W)
     pts = torch.tensor([[2.0, 0.0]])
-    assert EverythingLoss()(logits, torch.zeros(1, 1), gt, pts).num_fg == 0
-    assert EverythingLoss(point_fg=True)(logits, torch.zeros(1, 1), gt, pts).num_fg == 1
+    assert everything_loss()(logits, torch.zeros(1, 1), gt, pts).num_fg == 0
+    assert everything_loss(point_fg=True)(logits, torch.zeros(1, 1), gt, pts).num_fg == 1
 
 
 def test_batch_forward_means_over_images():
-    crit = EverythingLoss()
+    crit = everything_loss()
     a = scene()
     b = (torch.randn(2, 3, 4, 4), torch.rand(2, 3), torch.zeros(0, 4, 4, dtype=torch.bool), None)
     out = crit.batch_forward([a, dict(logits=b[0], pred_iou=b[1], gt_lowres=b[2], points_lowres=None)])
@@ -187,8 +188,6 @@ def test_batch_forward_means_over_images():
 
 
 def test_point_supervision_picks_best_candidate_of_each_prompt_inside_an_object():
-    from mobilesam_se.losses.everything import EverythingLoss
-
     h = w = 8
     gt = torch.zeros(2, h, w, dtype=torch.bool)
     gt[0, :4, :4] = True  # object A (area 16)
@@ -197,12 +196,12 @@ def test_point_supervision_picks_best_candidate_of_each_prompt_inside_an_object(
     logits[0, 1, :4, :4] = 4.0  # prompt 0, candidate 1 is A exactly
     logits[1, 0, :, 4:] = 4.0  # prompt 1, candidate 0 is B exactly
     points = torch.tensor([[1.5, 1.5], [6.5, 3.5], [1.5, 6.5]])  # in A, in B, in no object
-    loss = EverythingLoss(point_supervision=True)
+    loss = everything_loss(point_supervision=True)
     pred, tgt = loss._point_pairs(logits, gt, points)
     assert pred.tolist() == [1, 2] and tgt.tolist() == [0, 1]  # q = p * M + m
     # with point supervision the mask terms see these pairs even when Hungarian pairs are few
     on = loss(logits.clone().requires_grad_(True), torch.zeros(3, 2), gt, points)
-    off = EverythingLoss(point_supervision=False)(logits, torch.zeros(3, 2), gt, points)
+    off = everything_loss(point_supervision=False)(logits, torch.zeros(3, 2), gt, points)
     assert on.terms["dice"] < 0.05 and off.terms["dice"] < 0.05  # both exact here; now break prompt 1's mask
     bad = logits.clone()
     bad[1, 0] = -4.0
@@ -219,29 +218,29 @@ def test_zero_iou_filler_assignment_keeps_the_real_iou_target():
     cand = strip((0, 5), (0, 4), (5, 10), w=12)
     logits = torch.where(cand, 1.0, -1.0).reshape(3, 1, 1, 12)
     pred_iou = torch.zeros(3, 1)
-    loss = EverythingLoss(iou_target="assigned")
+    loss = everything_loss(iou_target="assigned")
     out = loss(logits, pred_iou, gt)
     assert out.matches[0].pred_idx.tolist() == [0, 1, 2]  # c1 really is assigned (to C, at IoU 0)
     assert out.terms["iou"].item() == pytest.approx((1 + 0.8 ** 2 + 1) / 3, rel=1e-5)
-    strict = EverythingLoss(iou_target="assigned_zero")(logits, pred_iou, gt).terms["iou"].item()
+    strict = everything_loss(iou_target="assigned_zero")(logits, pred_iou, gt).terms["iou"].item()
     assert strict == pytest.approx((1 + 0 + 1) / 3, rel=1e-5)
 
 
 def test_iou_over_selects_the_candidates_of_the_mse():
     logits, pred_iou, gt = scene()  # targets [1, 0.8, 1], predictions [0.9, 0.5, 0.7]; fg = c0, c2
-    fg = EverythingLoss(iou_over="fg")(logits, pred_iou, gt).terms["iou"].item()
+    fg = everything_loss(iou_over="fg")(logits, pred_iou, gt).terms["iou"].item()
     assert fg == pytest.approx((0.1 ** 2 + 0.3 ** 2) / 2, rel=1e-5)
-    everyone = EverythingLoss(iou_over="all")(logits, pred_iou, gt).terms["iou"].item()
+    everyone = everything_loss(iou_over="all")(logits, pred_iou, gt).terms["iou"].item()
     assert everyone == pytest.approx((0.1 ** 2 + 0.3 ** 2 + 0.3 ** 2) / 3, rel=1e-5)
     with pytest.raises(ValueError, match="loss.iou_over"):
-        EverythingLoss(iou_over="some")
+        everything_loss(iou_over="some")
 
 
 def test_cls_without_duplicate_negatives():
     logits, pred_iou, gt = scene()  # c1 is background but a good duplicate of A (IoU 0.8)
-    recipe = EverythingLoss(cls_term="recipe")(logits, pred_iou, gt).terms["cls"].item()
+    recipe = everything_loss(cls_term="recipe")(logits, pred_iou, gt).terms["cls"].item()
     assert recipe == pytest.approx(-(math.log(0.9) + math.log(0.5) + math.log(0.7)) / 3, rel=1e-5)
-    no_dup = EverythingLoss(cls_term="no_duplicates")
+    no_dup = everything_loss(cls_term="no_duplicates")
     out = no_dup(logits, pred_iou, gt)
     assert out.terms["cls"].item() == pytest.approx(-(math.log(0.9) + math.log(0.7)) / 2, rel=1e-5)
     out.terms["loss"].backward()
@@ -251,10 +250,10 @@ def test_cls_without_duplicate_negatives():
 
 def test_cls_term_off_is_zero_but_keeps_the_graph():
     logits, pred_iou, gt = scene()
-    out = EverythingLoss(cls_term="off")(logits, pred_iou, gt)
+    out = everything_loss(cls_term="off")(logits, pred_iou, gt)
     assert out.terms["cls"].item() == 0.0 and out.terms["cls"].requires_grad
     with pytest.raises(ValueError, match="loss.cls_term"):
-        EverythingLoss(cls_term="all")
+        everything_loss(cls_term="all")
 
 
 # One implementation per mask loss: (..., h, w) -> (...), against the textbook formulas in float64.
@@ -290,6 +289,6 @@ def test_point_supervision_selects_by_the_shared_focal_and_dice():
     cand = torch.randn(6, 3, 8, 8, generator=g) * 3
     gt = torch.rand(6, 8, 8, generator=g) > 0.5
     for alpha in (0.25, -1.0):  # a negative alpha disables the class weighting here too
-        loss = EverythingLoss(w_focal=15.0, w_dice=1.0, focal_alpha=alpha)
+        loss = everything_loss(w_focal=15.0, w_dice=1.0, focal_alpha=alpha)
         _, focal, dice = reference_terms(cand, gt[:, None], alpha, 2.0)
         assert loss._best_candidate(cand, gt).tolist() == (15 * focal + dice).argmin(1).tolist()

@@ -6,7 +6,7 @@ import torch.nn as nn
 from timm.layers import LayerNorm2d
 
 import mobilesam_se.models.sam as sam_module
-from hydra_utils import compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine.freeze import freeze_parts, unfreeze_parts
 from mobilesam_se.engine.optim import build_optimizer, build_scheduler, param_groups
 from mobilesam_se.models.build import build_mobilesam

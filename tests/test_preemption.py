@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.engine import preemption
 from mobilesam_se.models.checkpoint import official_state_dict, read_checkpoint
 from mobilesam_se.assembly import build_run
@@ -21,16 +21,13 @@ from mobilesam_se.assembly import build_run
 REPO = Path(__file__).resolve().parents[1]
 
 # 4 images x batch 1 = 4 steps per epoch, 2 epochs; one validation at the end.
-SMALL = [o for o in TINY_RUN if not o.startswith(("dataset.batch_size", "trainer.val_every", "dataset.val.num",
-                                                    "visual.num_images"))] + [
-    "model.image_size=128", "dataset.batch_size=1", "dataset.val.num_images=1", "trainer.val_every=2",
+SMALL = [
+    "debug=default", "model.image_size=128", "dataset.batch_size=1", "dataset.val.num_images=1", "trainer.val_every=2",
     "visual.num_images=0",
 ]
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", autouse=True)

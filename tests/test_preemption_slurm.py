@@ -3,7 +3,7 @@ is sent `scancel --signal=USR1` while it trains; the ranks agree to stop after t
 saves last.ckpt, submitit requeues the job, and the requeued job resumes in the same run directory
 with the same W&B run id and finishes.
 
-Needs root (daemons); skipped otherwise, but FAILS under CI=true as root (tests/slurm_utils.py).
+Needs root (daemons); skipped otherwise, but FAILS under CI=true as root (tests/helpers/slurm_utils.py).
 """
 import subprocess
 import sys
@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_utils import slurm_cluster  # noqa: E402,F401 (fixture)
 from test_ddp import EQUIV  # noqa: E402
 from test_sweeps_slurm import SLURM_LAUNCHER, slurm_env  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""End to end: compose the Hydra config with dataset.mode single / mixed, train one epoch, validate."""
+"""End to end: compose the Hydra config with prompted.mode single / mixed, train one epoch, validate."""
 import math
 from pathlib import Path
 
@@ -28,10 +28,10 @@ def data_dir(tmp_path_factory):
 def test_prompted_training_end_to_end(mode, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MOBILESAM_SE_DATA", str(data_dir))  # both modes share one generated dataset
     cfg = compose_run([
-        f"dataset.mode={mode}", "logger=none", "model=tiny",
+        f"prompted.mode={mode}", "logger=none", "model=tiny",
         "dataset.train.num_images=4", "dataset.val.num_images=2", "trainer.max_epochs=1",
-        "dataset.grid_points=4", "dataset.batch_size=2", "dataset.val_batch_size=2", "dataset.objects_per_image=4",
-        "dataset.negative_points=1", "dataset.mixed_weight=0.5", "trainer.val_every=1", "trainer.warmup_steps=1",
+        "dataset.grid_points=4", "dataset.batch_size=2", "dataset.val_batch_size=2", "prompted.objects_per_image=4",
+        "prompted.negative_points=1", "prompted.mixed_weight=0.5", "trainer.val_every=1", "trainer.warmup_steps=1",
         "trainer.progress=false", "trainer.log_every=1", "trainer.device=cpu", "visual.num_images=0",
         # single mode evaluates both val images; mixed only one, to keep the test short
         f"dataset.val_max_images={2 if mode == 'single' else 1}",

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from hydra_utils import compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se import weights
 from mobilesam_se.data import DatasetError, FolderDataset, write_folder_sample
 from mobilesam_se.data.check import check_dataset
@@ -125,7 +125,7 @@ def test_user_errors_are_one_plain_message(case, tmp_path, env):
     args = {
         "missing_key": ["dataset=folder"],
         "width": HEADLINE + ["model=tiny"],
-        "single_mode": HEADLINE + ["dataset.mode=single"],
+        "single_mode": HEADLINE + ["prompted.mode=single"],
         "dataset": ["dataset=folder", f"dataset.root={tmp_path / 'ds'}", "logger=none", "model=tiny"],
     }[case]
     if case == "dataset":
@@ -142,7 +142,7 @@ def test_user_errors_are_one_plain_message(case, tmp_path, env):
     elif case == "width":
         assert "width 256" in first and "32" in first and "model=mobilesam" in first
     elif case == "single_mode":
-        assert "dataset.mode=single" in first and "dataset.mode=mixed" in first
+        assert "prompted.mode=single" in first and "prompted.mode=mixed" in first
     else:
         assert "5 problems" in first
         for needle in ("a.png: cannot decode", "b/obj_000.png: mask is empty", "c/obj_000.png: mask is 10x10",
@@ -154,7 +154,7 @@ def test_user_errors_are_one_plain_message(case, tmp_path, env):
 def test_dataset_check_lists_everything_and_is_cached_per_dataset_version(tmp_path, monkeypatch):
     root = tmp_path / "ds"
     _bad_folder(root)
-    cfg = compose_cfg(["dataset=folder", f"dataset.root={root}", "model=tiny", f"dataset.check_cache={tmp_path / 'checks'}"])
+    cfg = compose_cfg(["dataset=folder", f"dataset.root={root}", "model=tiny", f"paths.cache_dir={tmp_path / 'checks'}"])
     with pytest.raises(DatasetError) as info:
         build_datasets(cfg)
     assert len(info.value.problems) == 5
@@ -167,7 +167,7 @@ def test_dataset_check_lists_everything_and_is_cached_per_dataset_version(tmp_pa
     # A fixed file is a new dataset version: decoded again, and the problem is gone.
     write_folder_sample(root, "b", np.zeros((16, 20, 3), np.uint8), [np.pad(np.ones((4, 4), bool), ((0, 12), (0, 16)))])
     skip = compose_cfg(["dataset=folder", f"dataset.root={root}", "model=tiny", "dataset.on_error=skip",
-                        f"dataset.check_cache={tmp_path / 'checks'}"])
+                        f"paths.cache_dir={tmp_path / 'checks'}"])
     train, val = build_datasets(skip)
     assert decoded and len(train) == 2 and sorted(train.ids) == ["b", "e"]
     ds = FolderDataset(root, image_size=64, grid_points=2, on_error="skip")

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 from mobilesam_se.data.folder_writer import write_folder_sample
 from mobilesam_se.assembly import build_run, check_can_learn, resolve_val_split
 
@@ -50,7 +50,7 @@ def test_missing_val_split_warns_and_is_recorded(tmp_path, caplog):
 
 def test_the_run_records_val_is_train_in_its_config(tmp_path):
     root = _folder(tmp_path / "train")
-    tiny = [o for o in TINY_RUN if not o.startswith(("dataset.train.", "dataset.val."))]
+    tiny = ["debug=default", "~dataset.train.num_images", "~dataset.val.num_images"]  # synthetic-only keys
     cfg = compose_cfg(tiny + ["dataset=folder", f"dataset.root={root}", "trainer.max_epochs=1",
                                   "dataset.grid_points=2", "model.image_size=64"])
     trainer, cleanup = build_run(cfg, out_dir=tmp_path / "run")
@@ -70,14 +70,14 @@ def test_standin_finetune_starts_from_the_checkpoint_with_the_plain_rule(tmp_pat
     from mobilesam_se.models.checkpoint import read_checkpoint
 
     pre_dir = tmp_path / "pre"
-    cfg = compose_cfg(TINY_RUN + ["trainer.max_epochs=1"])
+    cfg = compose_cfg(["debug=default", "trainer.max_epochs=1"])
     trainer, cleanup = build_run(cfg, out_dir=pre_dir)
     try:
         trainer.fit()
     finally:
         cleanup()
     best = pre_dir / "checkpoints" / "best.pt"
-    ft = compose_cfg(TINY_RUN + ["experiment=finetune_standin", f"model.checkpoint={best}", "trainer.max_epochs=1",
+    ft = compose_cfg(["debug=default", "experiment=finetune_standin", f"model.checkpoint={best}", "trainer.max_epochs=1",
                                  "trainer.val_every=1", "trainer.lr=0.0"])
     assert ft.matching.point_credit == 0.0 and not ft.matching.point_fg and ft.seed == 1
     trainer, cleanup = build_run(ft, out_dir=tmp_path / "ft")
@@ -91,7 +91,7 @@ def test_standin_finetune_starts_from_the_checkpoint_with_the_plain_rule(tmp_pat
     assert ours and all(torch.equal(ours[k], pre[k].to(ours[k].dtype)) for k in ours)
     from hydra.utils import instantiate
 
-    seed0_val = instantiate(compose_cfg(TINY_RUN).dataset.val)
+    seed0_val = instantiate(compose_cfg(["debug=default"]).dataset.val)
     assert trainer.val_set.root != seed0_val.root  # other validation scenes (seed 1)
     assert not torch.equal(trainer.val_set[0].image, seed0_val[0].image)
     assert (tmp_path / "ft" / "checkpoints" / "training_log.txt").exists()

@@ -1,7 +1,7 @@
 """End-to-end checks of the local SLURM test cluster (scripts/slurm) with submitit.
 
 Needs root (daemons); skipped otherwise, but FAILS under CI=true as root.
-Job functions live in tests/slurm_jobs.py (submitit pickles them by reference).
+Job functions live in tests/helpers/slurm_jobs.py (submitit pickles them by reference).
 """
 import subprocess
 import sys
@@ -13,10 +13,10 @@ import pytest
 import submitit
 
 # tests/ is not a package: make the helpers importable under any import mode
-# (the job functions must be imported as top-level "slurm_jobs", as in the job).
+# (the job functions must be imported as "helpers.slurm_jobs", as in the job).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import slurm_jobs  # noqa: E402
-from slurm_utils import job_result, make_executor, slurm, slurm_cluster, wait_job  # noqa: E402,F401 (fixtures)
+from helpers import slurm_jobs  # noqa: E402
+from helpers.slurm_utils import job_result, make_executor, wait_job  # noqa: E402 (fixtures slurm, slurm_cluster: tests/conftest.py)
 
 pytestmark = pytest.mark.slurm
 

@@ -10,16 +10,15 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from hydra_utils import TINY_RUN, compose_cfg
+from helpers.hydra_utils import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))
 import collect  # noqa: E402
 
 # 2 images x batch 2: one step per epoch; validation on one image.
-SWEEP_TINY = [o for o in TINY_RUN if not o.startswith(("logger", "trainer.max_epochs", "dataset.train.num",
-                                                         "dataset.val.num", "visual.num_images"))] + [
-    "model.image_size=128", "dataset.train.num_images=2", "dataset.val.num_images=1", "trainer.max_epochs=1",
+SWEEP_TINY = [
+    "debug=default", "logger=wandb", "model.image_size=128", "dataset.train.num_images=2", "dataset.val.num_images=1", "trainer.max_epochs=1",
     "visual.num_images=0",
 ]
 

@@ -2,7 +2,7 @@
 one job array whose jobs run in <sweep dir>/<job num> of ONE sweep directory (the default pattern,
 re-resolved in every job), with W&B group / name per job.
 
-Needs root (daemons); skipped otherwise, but FAILS under CI=true as root (tests/slurm_utils.py).
+Needs root (daemons); skipped otherwise, but FAILS under CI=true as root (tests/helpers/slurm_utils.py).
 """
 import subprocess
 import sys
@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_utils import slurm_cluster  # noqa: E402,F401 (fixture)
 from test_sweeps import SWEEP_TINY  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hydra_utils import TINY_RUN, compose_cfg
-from wandb_records import history_keys, read_run
+from helpers.hydra_utils import compose_cfg
+from helpers.wandb_records import history_keys, read_run
 from mobilesam_se.engine.optim import warmup_cosine
 from mobilesam_se.engine.trainer import NonFiniteLossError
 from mobilesam_se.models.build import build_mobilesam
@@ -20,13 +20,11 @@ from mobilesam_se.assembly import build_run
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _data_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MOBILESAM_SE_DATA", str(tmp_path_factory.getbasetemp() / "data"))
+pytestmark = pytest.mark.usefixtures("synthetic_data")  # tests/conftest.py
 
 
 def fit(overrides, out_dir):
-    cfg = compose_cfg(TINY_RUN + list(overrides))
+    cfg = compose_cfg(["debug=default", *overrides])
     trainer, cleanup = build_run(cfg, out_dir=Path(out_dir))
     try:
         return trainer, trainer.fit()
@@ -35,9 +33,13 @@ def fit(overrides, out_dir):
 
 
 def fresh_model():
-    """The model `build_run` starts from (it seeds with cfg.seed = 0 before building)."""
+    """The model `build_run` starts from: the debug run's model group (its init included), built
+    after seeding with cfg.seed = 0."""
+    from hydra.utils import instantiate
+
+    net = compose_cfg(["debug=default"]).model.net
     torch.manual_seed(0)
-    return build_mobilesam(256, size="tiny", attention_init="tied_qk")  # conf/model's attention_init
+    return instantiate(net)
 
 
 def params(trainer):
@@ -128,7 +130,7 @@ def test_run_py_command_line_with_wandb_offline(tmp_path):
     env = dict(os.environ, WANDB_MODE="offline", MOBILESAM_SE_DATA=str(tmp_path / "data"))
     out = tmp_path / "run"
     cmd = [sys.executable, "run.py", f"hydra.run.dir={out}", "logger=wandb", "matching=bootstrap",
-           *[o for o in TINY_RUN if not o.startswith("logger")], "trainer.max_epochs=1", "trainer.log_every=1"]
+           "debug=default", "trainer.max_epochs=1", "trainer.log_every=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -157,7 +159,7 @@ def test_last_accumulation_window_averages_its_own_batches(tmp_path):
     must be that batch's own gradient (divided by 1, not 2). lr 0 keeps the parameters fixed, so
     the same batch seen with accumulation 1 gives the reference gradient."""
     def grads_per_step(accum, out):
-        cfg = compose_cfg(TINY_RUN + ["dataset.train.num_images=3", "dataset.batch_size=1", f"trainer.grad_accum={accum}",
+        cfg = compose_cfg(["debug=default", "dataset.train.num_images=3", "dataset.batch_size=1", f"trainer.grad_accum={accum}",
                                       "trainer.max_epochs=1", "trainer.lr=0.0", "trainer.grad_clip=null",
                                       "trainer.val_every=0", "matching=bootstrap"])
         trainer, cleanup = build_run(cfg, out_dir=tmp_path / out)

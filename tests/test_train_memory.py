@@ -13,6 +13,7 @@ import torch
 
 import mobilesam_se.losses.everything as everything_loss
 import mobilesam_se.models.sam as sam_module
+from helpers import losses as loss_helpers
 from mobilesam_se.data.sample import Batch
 from mobilesam_se.objective import SegmentEverythingObjective
 from mobilesam_se.losses.everything import EverythingLoss
@@ -41,7 +42,7 @@ def _batch(image_size: int = 256, grid: int = 4) -> dict:
 
 
 def _step(model, batch, ckpt: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-    crit = EverythingLoss(point_credit=1.0, point_fg=True, point_supervision=True)
+    crit = loss_helpers.everything_loss(point_credit=1.0, point_fg=True, point_supervision=True)
     model.zero_grad(set_to_none=True)
     model.set_grad_checkpointing(ckpt)
     objective = SegmentEverythingObjective(model, crit, multimask_output=True, points_per_batch=16)

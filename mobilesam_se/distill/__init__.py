@@ -78,10 +78,10 @@ def check_distillation(cfg: DictConfig) -> List[TeacherSpec]:
     """Config-only checks, before anything is downloaded, decoded or built: the mode, the widths,
     warnings for a random teacher or one below its native size. Returns the teacher specs."""
     dcfg = cfg.distillation
-    if cfg.get("dataset") is not None and cfg.dataset.get("mode", "everything") == "single":
+    if cfg.get("prompted") is not None and cfg.prompted.get("mode", "everything") == "single":
         raise UserError(
-            f"distillation={dcfg.get('name')} distils the everything-mode grid outputs, but dataset.mode=single trains "
-            "on prompted outputs only, so no term would run: use dataset.mode=everything or dataset.mode=mixed, "
+            f"distillation={dcfg.get('name')} distils the everything-mode grid outputs, but prompted.mode=single trains "
+            "on prompted outputs only, so no term would run: use prompted.mode=everything or prompted.mode=mixed, "
             "or distillation=none"
         )
     specs = teacher_specs(dcfg)
@@ -133,7 +133,7 @@ def build_distiller(
     image_size = int(model_image_size or cfg.model.image_size)
     if specs is None:
         specs = check_distillation(cfg)
-        paths = resolve_many([s.checkpoint for s in specs], cfg.get("weights_dir"))
+        paths = resolve_many([s.checkpoint for s in specs], cfg.paths.weights_dir)
         specs = [dataclasses.replace(s, checkpoint=p) for s, p in zip(specs, paths)]
     check_teacher_files(specs)
     terms = enabled_terms(dcfg)

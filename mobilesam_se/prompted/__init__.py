@@ -1,4 +1,4 @@
-"""Prompted (ordinary SAM) fine-tuning: `dataset.mode=single` and the prompted half of `mixed`."""
+"""Prompted (ordinary SAM) fine-tuning: `prompted.mode=single` and the prompted half of `mixed`."""
 from mobilesam_se.prompted.clicks import Click, corrective_click, interior_point
 from mobilesam_se.prompted.loss import PromptedLossWeights, best_candidate_loss
 from mobilesam_se.prompted.sampling import ObjectPrompts, PromptSampling, sample_prompts

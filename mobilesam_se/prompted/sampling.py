@@ -28,7 +28,7 @@ class PromptSampling:
     """How prompts are drawn; mirrors the `dataset.*` keys of the prompted mode."""
 
     prompt_mode: str = "mixed"  # box | point | mixed (each object draws box or points, 50/50)
-    max_objects: int = 16  # objects prompted per image (dataset.objects_per_image)
+    max_objects: int = 16  # objects prompted per image (prompted.objects_per_image)
     min_points: int = 1  # positive points per point-prompted object, drawn uniformly in
     max_points: int = 3  # [min_points, max_points]
     negative_points: int = 0  # negative points per point-prompted object
@@ -36,14 +36,14 @@ class PromptSampling:
 
     def __post_init__(self) -> None:
         if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"dataset.prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
+            raise ValueError(f"prompted.prompt_mode must be one of {PROMPT_MODES}, got {self.prompt_mode!r}")
         if not 1 <= self.min_points <= self.max_points:
             raise ValueError(
-                f"need 1 <= dataset.min_points <= dataset.max_points, got {self.min_points}, {self.max_points}"
+                f"need 1 <= prompted.min_points <= prompted.max_points, got {self.min_points}, {self.max_points}"
             )
         if self.negative_points < 0 or self.max_bbox_shift < 0 or self.max_objects < 1:
-            raise ValueError("dataset.negative_points and dataset.max_bbox_shift must be >= 0, "
-                             "dataset.objects_per_image >= 1")
+            raise ValueError("prompted.negative_points and prompted.max_bbox_shift must be >= 0, "
+                             "prompted.objects_per_image >= 1")
 
     @property
     def points_per_prompt(self) -> int:

@@ -12,7 +12,6 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
 
 from mobilesam_se.data.sample import Batch
 from mobilesam_se.precision import autocast
@@ -25,7 +24,7 @@ Tensor = torch.Tensor
 class PromptedLoss:
     """Callable `(model, batch, embeddings, device, autocast_dtype, generator) -> {"loss", "prompted/..."}`.
 
-    `loss` is multiplied by `weight` (dataset.mixed_weight in mixed mode, 1 in single mode); the
+    `loss` is multiplied by `weight` (prompted.mixed_weight in mixed mode, 1 in single mode); the
     logged `prompted/*` terms are unweighted so runs with different weights compare directly.
     """
 
@@ -110,21 +109,21 @@ class PromptedLoss:
         }
 
 
-def build_prompted_loss(cfg: DictConfig) -> PromptedLoss:
-    """The objective's prompted loss for `dataset.mode` single (weight 1) or mixed (dataset.mixed_weight)."""
-    d, m = cfg.dataset, cfg.model
-    if d.mode not in ("single", "mixed"):
-        raise ValueError(f"the prompted loss is for dataset.mode single|mixed, got {d.mode!r}")
+def build_prompted_loss(
+    *, mode: str, mixed_weight: float, prompt_mode: str, objects_per_image: int, max_bbox_shift: int,
+    min_points: int, max_points: int, negative_points: int, w_focal: float, w_dice: float, w_iou: float,
+    focal_alpha: float, focal_gamma: float, multimask_output: bool, points_per_batch: Optional[int],
+) -> PromptedLoss:
+    """The `prompted` group's `_target_`: the objective's prompted loss for `prompted.mode` single
+    (weight 1) or mixed (prompted.mixed_weight)."""
+    if mode not in ("single", "mixed"):
+        raise ValueError(f"the prompted loss is for prompted.mode single|mixed, got {mode!r}")
     sampling = PromptSampling(
-        prompt_mode=d.prompt_mode, max_objects=d.objects_per_image, min_points=d.min_points,
-        max_points=d.max_points, negative_points=d.negative_points, max_bbox_shift=d.max_bbox_shift,
+        prompt_mode=prompt_mode, max_objects=objects_per_image, min_points=min_points,
+        max_points=max_points, negative_points=negative_points, max_bbox_shift=max_bbox_shift,
     )
-    loss_cfg = cfg.get("loss") or {}
-    weights = PromptedLossWeights(
-        focal=d.prompted_w_focal, dice=d.prompted_w_dice, iou=d.prompted_w_iou,
-        focal_alpha=loss_cfg.get("focal_alpha", 0.25), focal_gamma=loss_cfg.get("focal_gamma", 2.0),
-    )
+    weights = PromptedLossWeights(focal=w_focal, dice=w_dice, iou=w_iou, focal_alpha=focal_alpha, focal_gamma=focal_gamma)
     return PromptedLoss(
-        sampling, weights, multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
-        weight=float(d.mixed_weight) if d.mode == "mixed" else 1.0,
+        sampling, weights, multimask_output=multimask_output, points_per_batch=points_per_batch,
+        weight=float(mixed_weight) if mode == "mixed" else 1.0,
     )

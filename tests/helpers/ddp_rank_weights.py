@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_ddp.py: train with the given overrides, then every rank writes
+"""Run under torchrun by tests/test_ddp.py (a script, not a test): train with the given overrides, then every rank writes
 its weights (rank<r>.pt) and whether DDP wrapped its objective, so the test can check that the
 ranks ended identical (the gradients of every decode were averaged)."""
 import json
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hydra_utils import compose_cfg  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the helpers package
+from helpers.hydra_utils import compose_cfg  # noqa: E402
 
 from mobilesam_se.models.checkpoint import official_state_dict  # noqa: E402
 from mobilesam_se.assembly import build_run  # noqa: E402

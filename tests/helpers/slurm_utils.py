@@ -3,7 +3,7 @@
 Usage (in a test module; tests/ is on sys.path under pytest's default import mode)::
 
     import pytest
-    from slurm_utils import slurm, slurm_cluster, make_executor, job_result  # noqa: F401 (fixtures)
+    from helpers.slurm_utils import make_executor, job_result  # the fixtures slurm, slurm_cluster: tests/conftest.py
 
     pytestmark = pytest.mark.slurm
 
@@ -54,7 +54,7 @@ The "sacct without slurmdbd" trap, and how it is closed:
     submitit's 15 s wait for a missing result pickle.
 
 Job functions are pickled by reference: define them at module level in an
-importable module (e.g. tests/slurm_jobs.py). :func:`make_executor` adds an
+importable module (e.g. tests/helpers/slurm_jobs.py). :func:`make_executor` adds an
 ``export PYTHONPATH=<tests dir>:...`` line to the sbatch script so the job's
 Python finds them.
 """
@@ -72,8 +72,8 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TESTS_DIR = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]
+TESTS_DIR = REPO / "tests"  # on the job's PYTHONPATH: job functions import as helpers.<module>
 SCRIPTS = REPO / "scripts" / "slurm"
 BINARIES = ("slurmctld", "slurmd", "munged", "sinfo", "squeue", "sbatch", "scancel", "scontrol", "srun")
 

@@ -2,7 +2,7 @@
 
 They run inside SLURM jobs, so they must be importable there by module name
 (submitit pickles functions by reference): slurm_utils.make_executor puts
-tests/ on the job's PYTHONPATH.
+tests/ on the job's PYTHONPATH (they import as helpers.slurm_jobs).
 """
 import os
 import socket

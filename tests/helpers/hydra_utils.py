@@ -1,4 +1,8 @@
-"""Compose the project's Hydra config in-process, as `run.py` would."""
+"""Compose the project's Hydra config in-process, as `run.py` would.
+
+Training tests start from `debug=default` (conf/debug/default.yaml, the tiny run) and add their
+own overrides, which win over it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,24 +14,7 @@ from omegaconf import DictConfig
 
 from mobilesam_se.assembly import register_resolvers
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-# Small, fast settings for training tests.
-TINY_RUN = [
-    "logger=none",
-    "model=tiny",
-    "dataset.train.num_images=4",
-    "dataset.val.num_images=2",
-    "dataset.grid_points=4",
-    "dataset.batch_size=2",
-    "dataset.val_batch_size=2",
-    "trainer.max_epochs=2",
-    "trainer.val_every=1",
-    "trainer.warmup_steps=1",
-    "trainer.progress=false",
-    "visual.num_images=1",
-    "trainer.tune_amg=false",
-]
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def compose_cfg(overrides: Optional[List[str]] = None, return_hydra_config: bool = False) -> DictConfig:
