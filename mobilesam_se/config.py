@@ -230,6 +230,7 @@ class TrainerConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     betas: List[float] = MISSING
+    optimizer_impl: str = MISSING  # fused | foreach | for_loop: how AdamW runs its update (same maths)
     warmup_steps: int = MISSING
     min_lr_ratio: float = MISSING
     grad_accum: int = MISSING

@@ -126,3 +126,35 @@ def test_attention_init_is_checked_and_set_from_the_config():
         build_mobilesam(64, size="tiny", attention_init="tied")
     cfg = compose_cfg(["model=tiny"])
     assert cfg.model.attention_init == "tied_qk" and cfg.model.net.attention_init == "tied_qk"
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_optimizer_impls_take_the_per_parameter_loops_steps(impl):
+    """trainer.optimizer_impl changes how AdamW runs, not what it computes (also after an unfreeze)."""
+    torch.manual_seed(0)
+    ref, other = build_mobilesam(256, size="tiny"), build_mobilesam(256, size="tiny")
+    other.load_state_dict(ref.state_dict())
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    for m in (ref, other):
+        freeze_parts(m, ["prompt_encoder"])
+    opts = [build_optimizer(ref, lr=1e-2, weight_decay=0.1, impl="for_loop"),
+            build_optimizer(other, lr=1e-2, weight_decay=0.1, impl=impl)]
+    assert opts[1].defaults[impl] is True
+    gen = torch.Generator().manual_seed(1)
+    for step in range(4):
+        if step == 2:
+            for m, o in zip((ref, other), opts):
+                unfreeze_parts(m, ["prompt_encoder"], o, 0.1)
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in ref.named_parameters() if p.requires_grad}
+        for m, o in zip((ref, other), opts):
+            for n, p in m.named_parameters():
+                p.grad = grads[n].clone() if n in grads else None
+            o.step()
+    for (n, a), (_, b) in zip(ref.named_parameters(), other.named_parameters()):
+        assert not torch.equal(a, start[n]), f"{n} never moved"  # the unfrozen part too
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_unknown_optimizer_impl_names_the_key(model):
+    with pytest.raises(ValueError, match="trainer.optimizer_impl"):
+        build_optimizer(model, lr=1e-3, weight_decay=0.1, impl="apex")

@@ -33,11 +33,27 @@ def param_groups(model: nn.Module, weight_decay: float, names: Optional[Collecti
     return groups
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999)) -> torch.optim.AdamW:
+# How AdamW runs its update: one fused kernel per parameter group, a few multi-tensor ops per group,
+# or PyTorch's per-parameter loop (~10 small ops per parameter: a quarter of a small model's CPU step).
+OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    impl: str = "for_loop") -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)`; `impl` (trainer.optimizer_impl) is one of OPTIMIZER_IMPLS."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"trainer.optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {impl!r}")
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("nothing to train: every parameter is frozen (see the freeze.* options)")
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    flags = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False)}[impl]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), **flags)
+
+
+def uses_foreach(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer runs multi-tensor kernels (then so should gradient clipping)."""
+    defaults = optimizer.defaults
+    return bool(defaults.get("fused") or defaults.get("foreach"))
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

@@ -25,7 +25,7 @@ from mobilesam_se.data.sample import Batch, collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
-from mobilesam_se.engine.optim import build_optimizer, build_scheduler
+from mobilesam_se.engine.optim import build_optimizer, build_scheduler, uses_foreach
 from mobilesam_se.engine.pictures import save_validation_pictures
 from mobilesam_se.engine.preemption import SignalCatcher, code_of, signal_of
 from mobilesam_se.engine.sampler import EpochSampler
@@ -84,6 +84,7 @@ class Trainer:
         lr: float,
         weight_decay: float,
         betas: Sequence[float] = (0.9, 0.999),
+        optimizer_impl: str = "for_loop",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         grad_accum: int = 1,
@@ -164,7 +165,8 @@ class Trainer:
         self._resumed_count = 0
 
         self.frozen_parts = freeze_parts(self.model, [p for p in PARTS if freeze.get(p, False)])
-        self.optimizer = build_optimizer(self.model, lr, weight_decay, betas)
+        self.optimizer = build_optimizer(self.model, lr, weight_decay, betas, optimizer_impl)
+        self._foreach = uses_foreach(self.optimizer)
         self.sampler = EpochSampler(len(train_set), seed=seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.loader = DataLoader(
             train_set, batch_size=batch_size, sampler=self.sampler, collate_fn=collate_samples,
@@ -279,7 +281,7 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=self._foreach or None)
         else:
             norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in params if p.grad is not None))
         if not torch.isfinite(norm):
