@@ -173,7 +173,7 @@ def test_last_accumulation_window_averages_its_own_batches(tmp_path):
         return seen
 
     accumulated, single = grads_per_step(2, "accum"), grads_per_step(1, "single")
-    assert len(accumulated) == 2 and len(single) == 3
+    assert len(accumulated) == 2 and len(single) == 3, (len(accumulated), len(single))
     assert any(g.abs().sum() > 0 for g in single[2])
     for a, b in zip(accumulated[1], single[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
