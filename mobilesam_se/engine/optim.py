@@ -34,7 +34,7 @@ def param_groups(model: nn.Module, weight_decay: float, names: Optional[Collecti
 
 
 # How AdamW runs its update: one fused kernel per parameter group, a few multi-tensor ops per group,
-# or PyTorch's per-parameter loop (~10 small ops per parameter: a quarter of a small model's CPU step).
+# or PyTorch's per-parameter loop (~10 small ops per parameter: a tenth of the default run's CPU step).
 OPTIMIZER_IMPLS = ("fused", "foreach", "for_loop")
 
 

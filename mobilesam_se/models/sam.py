@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 from typing import Any, List, Optional, Sequence, Set
 
 import numpy as np
