@@ -233,6 +233,9 @@ class TrainerConfig:
     optimizer_impl: str = MISSING  # fused | foreach | for_loop: how AdamW runs its update (same maths)
     warmup_steps: int = MISSING
     min_lr_ratio: float = MISSING
+    # the first N epochs train at low_res_scale x model.image_size (from random init only; 0: off)
+    low_res_epochs: int = MISSING
+    low_res_scale: float = MISSING
     grad_accum: int = MISSING
     grad_clip: Optional[float] = MISSING
     precision: str = MISSING  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32

@@ -64,13 +64,11 @@ class MaskDataset(Dataset, Generic[R]):
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if image_size <= 0 or image_size % 4:
-            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        self.set_image_size(image_size)
         if grid_points < 1:
             raise ValueError(f"grid_points must be >= 1, got {grid_points}")
         if max_masks_per_image is not None and max_masks_per_image < 1:
             raise ValueError(f"max_masks_per_image must be None or >= 1, got {max_masks_per_image}")
-        self.image_size = image_size
         self.grid_points = grid_points
         self.max_masks_per_image = max_masks_per_image
         self.on_error = on_error
@@ -87,6 +85,13 @@ class MaskDataset(Dataset, Generic[R]):
                 "`python -m mobilesam_se.data.check`)", self.source, len(problems), problems[0],
             )
         self._records: List[R] = records
+
+    def set_image_size(self, image_size: int) -> None:
+        """Prepare samples for an S x S model input from the next one on (the trainer's
+        low-resolution epochs change it; nothing is cached at the old size)."""
+        if image_size <= 0 or image_size % 4:
+            raise ValueError(f"image_size must be a positive multiple of 4, got {image_size}")
+        self.image_size = int(image_size)
 
     # ---- subclass interface -------------------------------------------------------------------
     @property

@@ -87,6 +87,8 @@ class Trainer:
         optimizer_impl: str = "for_loop",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
+        low_res_epochs: int = 0,
+        low_res_scale: float = 0.5,
         grad_accum: int = 1,
         grad_clip: Optional[float] = None,
         precision: str = "auto",
@@ -136,6 +138,9 @@ class Trainer:
         self.prompted_eval = prompted_eval
         self.coco_eval_every, self.coco_eval_amg = coco_eval_every, coco_eval_amg
         self.tune_amg, self.tune_max_images = tune_amg, tune_max_images
+        self.image_size = int(getattr(self.model, "image_size", 0))
+        self.low_res_epochs = int(low_res_epochs)
+        self.low_res_size = self._check_low_res(self.low_res_epochs, low_res_scale)
         freeze = dict(freeze or {})
         visual = dict(visual or {})
         self.unfreeze_epoch = int(freeze.get("unfreeze_epoch", 0))
@@ -180,6 +185,30 @@ class Trainer:
         self.wrapped = self._wrap_ddp()
 
     # -- set-up ----------------------------------------------------------------------------------
+    def _check_low_res(self, epochs: int, scale: float) -> int:
+        """The input side of the first `epochs` epochs (trainer.low_res_epochs / low_res_scale)."""
+        if epochs < 0:
+            raise ValueError(f"trainer.low_res_epochs must be >= 0, got {epochs}")
+        if epochs == 0:
+            return self.image_size
+        size = int(round(self.image_size * float(scale) / 16)) * 16
+        if not 16 <= size < self.image_size:
+            raise ValueError(f"trainer.low_res_scale={scale} gives a {size}px input for a {self.image_size}px model; "
+                             "it must give at least 16 px and less than model.image_size (0.5 halves it)")
+        if self.distiller is not None:
+            raise ValueError("trainer.low_res_epochs > 0 needs distillation=none: the teachers' targets are made at "
+                             "model.image_size (set trainer.low_res_epochs=0)")
+        for part, what in ((self.model, "the model"), (self.train_set, "the training dataset")):
+            if not hasattr(part, "set_image_size"):
+                raise ValueError(f"trainer.low_res_epochs > 0: {what} ({type(part).__name__}) cannot change its image "
+                                 "size (set trainer.low_res_epochs=0)")
+        return size
+
+    def _set_train_image_size(self, size: int) -> None:
+        if self.low_res_epochs > 0 and self.model.image_size != size:
+            self.model.set_image_size(size)
+            self.train_set.set_image_size(size)
+
     def _wrap_ddp(self) -> nn.Module:
         """DDP wraps the whole objective: every decode of a step (grid and prompted) is inside its
         forward, so its hooks average every gradient."""
@@ -311,6 +340,9 @@ class Trainer:
 
     def _train_epoch(self) -> Dict[str, float]:
         self.objective.train()
+        # The first low_res_epochs train at low_res_size (a cheaper step, same weights); the caller
+        # restores the full size before validation and saving.
+        self._set_train_image_size(self.low_res_size if self.epoch < self.low_res_epochs else self.image_size)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
         if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)
             self.train_set.set_epoch(self.epoch)
@@ -484,7 +516,10 @@ class Trainer:
                 self._unfreeze()
                 self.wrapped = self._wrap_ddp()  # DDP must see the parameters that now train
             t = time.time()
-            train_means = self._train_epoch()
+            try:
+                train_means = self._train_epoch()
+            finally:
+                self._set_train_image_size(self.image_size)
             if self.stop_requested and self.batch_in_epoch < self._micro_per_epoch():
                 self.save_last()  # mid-epoch: resume continues this epoch
                 break

@@ -73,6 +73,12 @@ class PromptEncoder(nn.Module):
         )
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
+    def set_input_size(self, image_size: int, stride: int = 16) -> None:
+        """Frame of an S x S input (embedding grid S/stride, mask prompts 4x that): no weight depends on it."""
+        self.input_image_size = (image_size, image_size)
+        self.image_embedding_size = (image_size // stride, image_size // stride)
+        self.mask_input_size = (4 * self.image_embedding_size[0], 4 * self.image_embedding_size[1])
+
     def no_weight_decay(self) -> Set[str]:
         """The learned prompt embeddings (point labels, box corners, padding, no mask): tokens like a
         ViT's class token, which weight decay would only pull toward zero."""
