@@ -236,6 +236,7 @@ class TrainerConfig:
     # the first N epochs train at low_res_scale x model.image_size (from random init only; 0: off)
     low_res_epochs: int = MISSING
     low_res_scale: float = MISSING
+    low_res_schedule: str = MISSING  # restart (own warm-up + cosine at full size) | continue
     grad_accum: int = MISSING
     grad_clip: Optional[float] = MISSING
     precision: str = MISSING  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32

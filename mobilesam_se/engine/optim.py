@@ -1,8 +1,9 @@
-"""AdamW with decay/no-decay groups, and a warm-up + cosine schedule stepped per optimizer step."""
+"""AdamW with decay/no-decay groups, and a warm-up + cosine schedule stepped per optimizer step
+(restarted where a run changes phase)."""
 from __future__ import annotations
 
 import math
-from typing import Collection, List, Optional
+from typing import Collection, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+def phased_warmup_cosine(step: int, warmup_steps: int, boundaries: Sequence[int], total_steps: int,
+                         min_ratio: float = 0.0) -> float:
+    """`warmup_cosine` restarted at each step of `boundaries`: every phase has its own warm-up and
+    cosine (a run's low-resolution epochs, then its full-resolution ones)."""
+    start = 0
+    for b in sorted(boundaries):
+        if step < b:
+            return warmup_cosine(step - start, warmup_steps, b - start, min_ratio)
+        start = b
+    return warmup_cosine(step - start, warmup_steps, total_steps - start, min_ratio)
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0,
+                    restarts: Sequence[int] = ()):
+    """Warm-up + cosine over `total_steps` optimizer steps, restarted at each step of `restarts`."""
+    restarts = [int(b) for b in restarts if 0 < int(b) < total_steps]
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup_steps, total_steps, min_ratio)
+        optimizer, lambda s: phased_warmup_cosine(s, warmup_steps, restarts, total_steps, min_ratio)
     )

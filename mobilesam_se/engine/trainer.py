@@ -36,6 +36,9 @@ from mobilesam_se.precision import resolve_autocast, resolve_device
 log = logging.getLogger(__name__)
 
 
+# trainer.low_res_schedule: the learning-rate schedule of a run with low-resolution epochs.
+LOW_RES_SCHEDULES = ("restart", "continue")
+
 # Validation warns when |mean predicted IoU - mean true IoU| exceeds this.
 CALIBRATION_GAP_WARN = 0.1
 
@@ -89,6 +92,7 @@ class Trainer:
         min_lr_ratio: float = 0.0,
         low_res_epochs: int = 0,
         low_res_scale: float = 0.5,
+        low_res_schedule: str = "restart",
         grad_accum: int = 1,
         grad_clip: Optional[float] = None,
         precision: str = "auto",
@@ -180,7 +184,12 @@ class Trainer:
         self.shard_len = len(self.sampler)
         self.steps_per_epoch = math.ceil(self._micro_per_epoch() / grad_accum)
         self.total_steps = self.steps_per_epoch * max_epochs
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps, min_lr_ratio)
+        if low_res_schedule not in LOW_RES_SCHEDULES:
+            raise ValueError(f"trainer.low_res_schedule must be one of {LOW_RES_SCHEDULES}, got {low_res_schedule!r}")
+        # restart: the full-size epochs get their own warm-up and cosine, as a fine-tune of the
+        # low-size model would (experiments/learning, fifth round); continue: one schedule for all.
+        restarts = [self.steps_per_epoch * self.low_res_epochs] if self.low_res_epochs and low_res_schedule == "restart" else []
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps, min_lr_ratio, restarts)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.wrapped = self._wrap_ddp()
 
