@@ -243,10 +243,10 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
     # (instantiate would turn dataclass parts, e.g. DistInfo, into configs).
     make_trainer = instantiate(cfg.trainer, _partial_=True, _recursive_=False, _convert_="all")
     from_checkpoint = bool(cfg.model.get("checkpoint"))
-    if from_checkpoint and cfg.trainer.get("low_res_epochs", 0):
+    if from_checkpoint and cfg.trainer.get("low_res_fraction", 0):
         # A warm-up for random weights: a checkpoint is fine-tuned at the size it is used at.
-        log.info("model.checkpoint given: trainer.low_res_epochs=%s ignored (every epoch at model.image_size=%s)",
-                 cfg.trainer.low_res_epochs, cfg.model.image_size)
+        log.info("model.checkpoint given: trainer.low_res_fraction=%s ignored (every epoch at model.image_size=%s)",
+                 cfg.trainer.low_res_fraction, cfg.model.image_size)
     trainer = make_trainer(
         objective=objective, train_set=train_set, val_set=val_set,
         validator=build_validator(cfg, val_set), out_dir=out_dir, logger=logger, dist=dist_info, run_config=cfg,
@@ -254,7 +254,7 @@ def build_run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Tuple[Any, Cal
         seed=cfg.seed, batch_size=cfg.dataset.batch_size, num_workers=cfg.dataset.num_workers,
         freeze={**OmegaConf.to_container(cfg.freeze, resolve=True), "estimate_batchnorm_stats": not from_checkpoint},
         visual=OmegaConf.to_container(cfg.visual, resolve=True),
-        **({"low_res_epochs": 0} if from_checkpoint else {}),
+        **({"low_res_fraction": 0.0} if from_checkpoint else {}),
     )
 
     def _cleanup() -> None:

@@ -233,8 +233,8 @@ class TrainerConfig:
     optimizer_impl: str = MISSING  # fused | foreach | for_loop: how AdamW runs its update (same maths)
     warmup_steps: int = MISSING
     min_lr_ratio: float = MISSING
-    # the first N epochs train at low_res_scale x model.image_size (from random init only; 0: off)
-    low_res_epochs: int = MISSING
+    # this share of the first epochs trains at low_res_scale x model.image_size (from random init only; 0: off)
+    low_res_fraction: float = MISSING
     low_res_scale: float = MISSING
     low_res_schedule: str = MISSING  # restart (own warm-up + cosine at full size) | continue
     grad_accum: int = MISSING

@@ -90,7 +90,7 @@ class Trainer:
         optimizer_impl: str = "for_loop",
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
-        low_res_epochs: int = 0,
+        low_res_fraction: float = 0.0,
         low_res_scale: float = 0.5,
         low_res_schedule: str = "restart",
         grad_accum: int = 1,
@@ -143,8 +143,8 @@ class Trainer:
         self.coco_eval_every, self.coco_eval_amg = coco_eval_every, coco_eval_amg
         self.tune_amg, self.tune_max_images = tune_amg, tune_max_images
         self.image_size = int(getattr(self.model, "image_size", 0))
-        self.low_res_epochs = int(low_res_epochs)
-        self.low_res_size = self._check_low_res(self.low_res_epochs, low_res_scale)
+        self.low_res_epochs = self._low_res_epochs(low_res_fraction, max_epochs)
+        self.low_res_size = self._check_low_res(low_res_scale)
         freeze = dict(freeze or {})
         visual = dict(visual or {})
         self.unfreeze_epoch = int(freeze.get("unfreeze_epoch", 0))
@@ -194,23 +194,28 @@ class Trainer:
         self.wrapped = self._wrap_ddp()
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _check_low_res(self, epochs: int, scale: float) -> int:
-        """The input side of the first `epochs` epochs (trainer.low_res_epochs / low_res_scale)."""
-        if epochs < 0:
-            raise ValueError(f"trainer.low_res_epochs must be >= 0, got {epochs}")
-        if epochs == 0:
+    @staticmethod
+    def _low_res_epochs(fraction: float, max_epochs: int) -> int:
+        """How many first epochs train at the low size: `fraction` of them, the last one always at full size."""
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"trainer.low_res_fraction must be in [0, 1) (0: off), got {fraction}")
+        return min(int(round(fraction * max_epochs)), max(0, max_epochs - 1))
+
+    def _check_low_res(self, scale: float) -> int:
+        """The input side of the low-resolution epochs (trainer.low_res_fraction / low_res_scale)."""
+        if self.low_res_epochs == 0:
             return self.image_size
         size = int(round(self.image_size * float(scale) / 16)) * 16
         if not 16 <= size < self.image_size:
             raise ValueError(f"trainer.low_res_scale={scale} gives a {size}px input for a {self.image_size}px model; "
                              "it must give at least 16 px and less than model.image_size (0.5 halves it)")
         if self.distiller is not None:
-            raise ValueError("trainer.low_res_epochs > 0 needs distillation=none: the teachers' targets are made at "
-                             "model.image_size (set trainer.low_res_epochs=0)")
+            raise ValueError("trainer.low_res_fraction > 0 needs distillation=none: the teachers' targets are made at "
+                             "model.image_size (set trainer.low_res_fraction=0)")
         for part, what in ((self.model, "the model"), (self.train_set, "the training dataset")):
             if not hasattr(part, "set_image_size"):
-                raise ValueError(f"trainer.low_res_epochs > 0: {what} ({type(part).__name__}) cannot change its image "
-                                 "size (set trainer.low_res_epochs=0)")
+                raise ValueError(f"trainer.low_res_fraction > 0: {what} ({type(part).__name__}) cannot change its image "
+                                 "size (set trainer.low_res_fraction=0)")
         return size
 
     def _set_train_image_size(self, size: int) -> None:
@@ -349,8 +354,8 @@ class Trainer:
 
     def _train_epoch(self) -> Dict[str, float]:
         self.objective.train()
-        # The first low_res_epochs train at low_res_size (a cheaper step, same weights); the caller
-        # restores the full size before validation and saving.
+        # The first low_res_epochs (trainer.low_res_fraction of all) train at low_res_size (a cheaper
+        # step, same weights); the caller restores the full size before validation and saving.
         self._set_train_image_size(self.low_res_size if self.epoch < self.low_res_epochs else self.image_size)
         self.sampler.set_epoch(self.epoch, start=self.batch_in_epoch * self.batch_size)
         if hasattr(self.train_set, "set_epoch"):  # a stream of fresh scenes per epoch (data/synthetic.py)

@@ -129,7 +129,7 @@ class SamModel(nn.Module):
     def set_image_size(self, image_size: int) -> None:
         """Run at another input side S (a multiple of 16) with the same weights: the image encoder
         has no resolution of its own, and the prompt encoder's frame and grid follow S. For the
-        low-resolution epochs of a from-scratch run (`trainer.low_res_epochs`); a checkpoint is
+        low-resolution epochs of a from-scratch run (`trainer.low_res_fraction`); a checkpoint is
         always described and saved at the size the model was built for."""
         if image_size <= 0 or image_size % 16:
             raise ValueError(f"image size must be a positive multiple of 16, got {image_size}")

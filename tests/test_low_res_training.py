@@ -1,4 +1,4 @@
-"""trainer.low_res_epochs: the first epochs of a from-scratch run at a lower input size, same weights."""
+"""trainer.low_res_fraction: the first epochs of a from-scratch run at a lower input size, same weights."""
 from pathlib import Path
 
 import pytest
@@ -46,7 +46,7 @@ def _fit(cfg, out: Path, seen=None):
 
 
 def test_the_first_epochs_train_at_the_low_size_and_everything_else_at_the_full_one(tmp_path):
-    cfg = compose_cfg(["debug=default", "trainer.max_epochs=3", "trainer.low_res_epochs=2", "trainer.tune_amg=true"])
+    cfg = compose_cfg(["debug=default", "trainer.max_epochs=3", "trainer.low_res_fraction=0.67", "trainer.tune_amg=true"])
     seen = []
     trainer = _fit(cfg, tmp_path, seen)
     full = cfg.model.image_size
@@ -63,7 +63,7 @@ def test_the_first_epochs_train_at_the_low_size_and_everything_else_at_the_full_
 
 
 def test_a_run_resumed_in_a_low_res_epoch_repeats_the_uninterrupted_one(tmp_path):
-    overrides = ["debug=default", "trainer.max_epochs=3", "trainer.low_res_epochs=2"]
+    overrides = ["debug=default", "trainer.max_epochs=3", "trainer.low_res_fraction=0.67"]
     whole = _fit(compose_cfg(overrides), tmp_path / "whole")
     _fit(compose_cfg(overrides + ["trainer.max_steps=1"]), tmp_path / "cut")  # stops inside epoch 0
     resumed = _fit(compose_cfg(overrides), tmp_path / "cut")
@@ -73,15 +73,15 @@ def test_a_run_resumed_in_a_low_res_epoch_repeats_the_uninterrupted_one(tmp_path
 
 def test_bad_low_res_settings_name_the_option(tmp_path):
     for overrides, message in ((["trainer.low_res_scale=1.0"], "trainer.low_res_scale=1.0"),
-                               (["trainer.low_res_epochs=-1"], "trainer.low_res_epochs must be >= 0")):
-        cfg = compose_cfg(["debug=default", "trainer.low_res_epochs=1"] + overrides)
+                               (["trainer.low_res_fraction=1.0"], r"trainer.low_res_fraction must be in \[0, 1\)")):
+        cfg = compose_cfg(["debug=default", "trainer.low_res_fraction=0.5"] + overrides)
         with pytest.raises(ValueError, match=message):
             build_run(cfg, out_dir=tmp_path)
 
 
 def test_from_a_checkpoint_every_epoch_is_at_the_full_size(tmp_path):
     first = _fit(compose_cfg(["debug=default", "trainer.max_epochs=1"]), tmp_path / "a")
-    cfg = compose_cfg(["debug=default", "trainer.max_epochs=1", "trainer.low_res_epochs=1",
+    cfg = compose_cfg(["debug=default", "trainer.max_epochs=2", "trainer.low_res_fraction=0.5",
                        f"model.checkpoint={tmp_path / 'a' / 'checkpoints' / 'best.pt'}"])
     seen = []
     tuned = _fit(cfg, tmp_path / "b", seen)
@@ -97,7 +97,7 @@ def test_the_full_size_epochs_restart_the_schedule_unless_told_to_continue(tmp_p
     assert restarted[8:] == [warmup_cosine(s, 2, 12, 0.05) for s in range(12)]
     lrs = {}
     for schedule in ("restart", "continue"):
-        cfg = compose_cfg(["debug=default", "trainer.max_epochs=3", "trainer.low_res_epochs=2",
+        cfg = compose_cfg(["debug=default", "trainer.max_epochs=3", "trainer.low_res_fraction=0.67",
                            f"trainer.low_res_schedule={schedule}", "trainer.warmup_steps=2"])
         trainer, cleanup = build_run(cfg, out_dir=tmp_path / schedule)
         cleanup()
