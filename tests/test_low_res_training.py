@@ -101,8 +101,8 @@ def test_the_full_size_epochs_restart_the_schedule_unless_told_to_continue(tmp_p
                            f"trainer.low_res_schedule={schedule}", "trainer.warmup_steps=2"])
         trainer, cleanup = build_run(cfg, out_dir=tmp_path / schedule)
         cleanup()
-        sched = trainer.scheduler
-        lrs[schedule] = [fn(s) for s in range(trainer.total_steps) for fn in sched.lr_lambdas[:1]]
+        factor = trainer.scheduler.lr_lambdas[0]  # the multiplier of the learning rate per optimizer step
+        lrs[schedule] = [factor(s) for s in range(trainer.total_steps)]
     per_epoch = trainer.steps_per_epoch
     assert lrs["restart"][2 * per_epoch] == 0.5 != lrs["continue"][2 * per_epoch]  # the warm-up's first step again
     assert lrs["continue"] == [warmup_cosine(s, 2, 3 * per_epoch, 0.05) for s in range(3 * per_epoch)]

@@ -205,17 +205,18 @@ class Trainer:
         """The input side of the low-resolution epochs (trainer.low_res_fraction / low_res_scale)."""
         if self.low_res_epochs == 0:
             return self.image_size
-        size = int(round(self.image_size * float(scale) / 16)) * 16
-        if not 16 <= size < self.image_size:
-            raise ValueError(f"trainer.low_res_scale={scale} gives a {size}px input for a {self.image_size}px model; "
-                             "it must give at least 16 px and less than model.image_size (0.5 halves it)")
-        if self.distiller is not None:
-            raise ValueError("trainer.low_res_fraction > 0 needs distillation=none: the teachers' targets are made at "
-                             "model.image_size (set trainer.low_res_fraction=0)")
+        # What can change its size first: a model without one would otherwise read as a 0 px model.
         for part, what in ((self.model, "the model"), (self.train_set, "the training dataset")):
             if not hasattr(part, "set_image_size"):
                 raise ValueError(f"trainer.low_res_fraction > 0: {what} ({type(part).__name__}) cannot change its image "
                                  "size (set trainer.low_res_fraction=0)")
+        if self.distiller is not None:
+            raise ValueError("trainer.low_res_fraction > 0 needs distillation=none: the teachers' targets are made at "
+                             "model.image_size (set trainer.low_res_fraction=0)")
+        size = int(round(self.image_size * float(scale) / 16)) * 16
+        if not 16 <= size < self.image_size:
+            raise ValueError(f"trainer.low_res_scale={scale} gives a {size}px input for a {self.image_size}px model; "
+                             "it must give at least 16 px and less than model.image_size (0.5 halves it)")
         return size
 
     def _set_train_image_size(self, size: int) -> None:
