@@ -190,7 +190,7 @@ def build_objective(cfg: DictConfig, model, distiller=None):
     return SegmentEverythingObjective(
         model, instantiate(cfg.loss), mode=mode, prompted=prompted, distiller=distiller,
         multimask_output=m.multimask_output, points_per_batch=m.points_per_batch,
-        prompts_per_step=cfg.dataset.prompts_per_step,
+        prompts_per_step=cfg.dataset.prompts_per_step, prompt_sampling=cfg.dataset.prompt_sampling,
     )
 
 

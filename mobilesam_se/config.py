@@ -42,6 +42,7 @@ class DatasetConfig:
     val_annotation_file: Optional[str] = MISSING
     grid_points: int = MISSING  # G: G x G single-point prompts per image
     prompts_per_step: Optional[int] = MISSING  # sub-sample the grid per step (None: all)
+    prompt_sampling: str = MISSING  # uniform | balanced (about equal odds for every object under the grid)
     max_masks_per_image: Optional[int] = MISSING
     on_error: str = MISSING  # raise | skip
     batch_size: int = MISSING

@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from mobilesam_se.data.sample import Batch
-from mobilesam_se.matching import MatchResult
+from mobilesam_se.matching import MatchResult, point_in_masks
 from mobilesam_se.models.mask_decoder import DecoderOutput
 from mobilesam_se.precision import autocast
-from mobilesam_se.prompts import subsample_prompts
+from mobilesam_se.prompts import PROMPT_SAMPLING, balanced_inclusion, balanced_subsample, subsample_prompts
 
 Tensor = torch.Tensor
 MODES = ("everything", "single", "mixed")
@@ -38,10 +38,35 @@ class EverythingOutput:
 
 
 def select_prompts(points: Tensor, k: Optional[int], generator: torch.Generator) -> Tensor:
-    """Sub-sample the same number of grid prompts for every image of the batch."""
+    """Sub-sample the same number of grid prompts uniformly for every image of the batch."""
     if k is None or k <= 0 or k >= points.shape[1]:
         return points
     return torch.stack([p[subsample_prompts(p.shape[0], k, generator).to(p.device)] for p in points])
+
+
+def select_balanced_prompts(points: Tensor, k: Optional[int], generator: torch.Generator,
+                            groups: List[Tensor]) -> tuple[Tensor, Optional[List[Tensor]]]:
+    """`k` prompts per image balanced over `groups` (per image, the object under each grid point),
+    and per image the prompts' weights for the IoU head's terms: the uniform inclusion probability
+    over the balanced one, so that those terms still average over the whole grid (None: all 1)."""
+    n = points.shape[1]
+    if k is None or k <= 0 or k >= n:
+        return points, None
+    picks, weights = [], []
+    for g in groups:
+        g = g.cpu()
+        idx = balanced_subsample(g, k, generator)
+        picks.append(idx)
+        weights.append(((k / n) / balanced_inclusion(g, k, generator)[idx]).float())
+    return torch.stack([p[i.to(p.device)] for p, i in zip(points, picks)]), weights
+
+
+def point_groups(lowres_points: Tensor, targets: Tensor) -> Tensor:
+    """(P,) long: for each point (low-res frame) the first target mask under it, -1 on background."""
+    if targets.shape[0] == 0:
+        return torch.full((lowres_points.shape[0],), -1, dtype=torch.long)
+    inside = point_in_masks(lowres_points, targets)
+    return torch.where(inside.any(1), inside.long().argmax(1), torch.full_like(inside[:, 0], -1, dtype=torch.long))
 
 
 def _visible_targets(masks_lowres: Tensor) -> Tensor:
@@ -76,11 +101,14 @@ class SegmentEverythingObjective(nn.Module):
         multimask_output: bool = True,
         points_per_batch: Optional[int] = 64,
         prompts_per_step: Optional[int] = None,
+        prompt_sampling: str = "uniform",
         autocast_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"prompted.mode must be one of {MODES}, got {mode!r}")
+        if prompt_sampling not in PROMPT_SAMPLING:
+            raise ValueError(f"dataset.prompt_sampling must be one of {'|'.join(PROMPT_SAMPLING)}, got {prompt_sampling!r}")
         if mode != "everything" and prompted is None:
             raise ValueError(f"prompted.mode={mode} needs the prompted loss")
         self.model = model
@@ -91,6 +119,7 @@ class SegmentEverythingObjective(nn.Module):
         self.multimask_output = multimask_output
         self.points_per_batch = points_per_batch
         self.prompts_per_step = prompts_per_step
+        self.prompt_sampling = prompt_sampling
         self.autocast_dtype = autocast_dtype
 
     @property
@@ -103,16 +132,23 @@ class SegmentEverythingObjective(nn.Module):
         device = self.device
         batch = batch.to(device, non_blocking=True)  # a no-op for a batch `forward` has moved
         pixels = batch.image
-        points = select_prompts(batch.points, self.prompts_per_step, generator or torch.Generator())
+        targets = [_visible_targets(batch.masks_lowres[b]) for b in range(len(batch))]
+        generator = generator or torch.Generator()
+        weights: Optional[List[Tensor]] = None
+        if self.prompt_sampling == "balanced":
+            groups = [point_groups(self.model.lowres_coords(batch.points[b]), targets[b]) for b in range(len(batch))]
+            points, weights = select_balanced_prompts(batch.points, self.prompts_per_step, generator, groups)
+        else:
+            points = select_prompts(batch.points, self.prompts_per_step, generator)
         with autocast(device, self.autocast_dtype):
             out = self.model(
                 pixels, points, multimask_output=self.multimask_output, points_per_batch=self.points_per_batch,
                 return_features=return_features, record_attention=record_attention,
             )
-        targets = [_visible_targets(batch.masks_lowres[b]) for b in range(len(batch))]
         lowres_points = self.model.lowres_coords(points)  # the logits' frame (4x coarser than the input)
         res = self.criterion.batch_forward([
-            (out.masks[b].float(), out.iou_pred[b].float(), targets[b], lowres_points[b], _ignore(batch, b))
+            (out.masks[b].float(), out.iou_pred[b].float(), targets[b], lowres_points[b], _ignore(batch, b),
+             None if weights is None else weights[b].to(device))
             for b in range(len(batch))
         ])
         terms = dict(res.terms)

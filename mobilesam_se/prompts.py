@@ -40,3 +40,45 @@ def subsample_prompts(num_prompts: int, k: int | None, generator: torch.Generato
     if k is None or k <= 0 or k >= num_prompts:
         return torch.arange(num_prompts)
     return torch.randperm(num_prompts, generator=generator)[:k].sort().values
+
+
+PROMPT_SAMPLING = ("uniform", "balanced")
+
+
+def _group_weights(groups: torch.Tensor) -> torch.Tensor:
+    """Point p's sampling weight: 1 / (points in its group), so every group weighs the same."""
+    _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse].double()
+
+
+def _gumbel_top_k(log_w: torch.Tensor, k: int, generator: torch.Generator | None, draws: int = 1) -> torch.Tensor:
+    """(draws, k) indices: weighted sampling without replacement, as successive draws ~ w (the
+    Gumbel top-k trick: the k largest log w + Gumbel noise)."""
+    u = torch.rand((draws, log_w.numel()), generator=generator, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
+    return (log_w[None] - torch.log(-torch.log(u))).topk(k, dim=1).indices
+
+
+def balanced_subsample(groups: torch.Tensor, k: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices of `k` prompts drawn without replacement so that every group (the object under each
+    point; -1: background, one group of its own) has about the same chance: point p is weighted
+    1 / (points in its group). A large object holds most of a grid's points and a small one one or
+    two, so uniform sub-sampling spends the step's decoder on a few large objects and background.
+    """
+    n = int(groups.numel())
+    if k is None or k <= 0 or k >= n:
+        return torch.arange(n)
+    return _gumbel_top_k(_group_weights(groups).log(), k, generator)[0].sort().values
+
+
+def balanced_inclusion(groups: torch.Tensor, k: int, generator: torch.Generator | None = None,
+                       draws: int = 512) -> torch.Tensor:
+    """(n,) estimated probability that `balanced_subsample` keeps each point (Monte Carlo over
+    `draws` samples; a point is kept once at least, so never 0). The IoU head's terms divide by it
+    (over the uniform k / n) to stay calibrated on the whole grid, which the sample over-represents
+    objects of."""
+    n = int(groups.numel())
+    if k >= n:
+        return torch.ones(n, dtype=torch.float64)
+    idx = _gumbel_top_k(_group_weights(groups).log(), k, generator, draws)
+    counts = torch.bincount(idx.flatten(), minlength=n).double()
+    return (counts + 1.0) / (draws + 1.0)

@@ -93,12 +93,16 @@ class EverythingLoss(nn.Module):
         gt_lowres: Tensor,
         points_lowres: Tensor | None = None,
         ignore_lowres: Tensor | None = None,
+        prompt_weights: Tensor | None = None,
     ) -> LossOutput:
         """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None.
 
         `ignore_lowres` (h, w) bool: objects left out of the targets (e.g. by max_masks_per_image).
         A non-foreground candidate lying mostly (>= 50% of its area) inside it gets no IoU-head
         and no classification loss: it may well segment a real object we simply did not keep.
+        `prompt_weights` (P,): each prompt's weight in the IoU-head terms (iou, cls), a weighted
+        mean, for prompts sampled unevenly from the grid (`dataset.prompt_sampling=balanced`); the
+        mask terms are not weighted.
         """
         p, m, h, w = logits.shape
         match = match_candidates(logits, gt_lowres, points_lowres, self.fg_iou, self.point_credit, self.point_fg)
@@ -112,14 +116,17 @@ class EverythingLoss(nn.Module):
             pred_idx = torch.cat([pred_idx, extra_pred.to(pred_idx.device)])
             gt_idx = torch.cat([gt_idx, extra_gt.to(gt_idx.device)])
         iou_rows, cls_rows = keep & self._iou_rows(match), keep & self._cls_rows(match)
+        row_w = None if prompt_weights is None else prompt_weights.float().repeat_interleave(m).to(flat_iou.device)
         fg_logits = flat_logits[pred_idx]
         fg_targets = gt_lowres.to(logits.device)[gt_idx].float()
         terms = {
             "bce": sigmoid_bce(fg_logits, fg_targets),
             "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
             "dice": dice_loss(fg_logits, fg_targets),
-            "iou": iou_mse(flat_iou[iou_rows], self._iou_target(match)[iou_rows]),
-            "cls": iou_confidence_bce(flat_iou[cls_rows], match.fg.float()[cls_rows]),
+            "iou": iou_mse(flat_iou[iou_rows], self._iou_target(match)[iou_rows],
+                           None if row_w is None else row_w[iou_rows]),
+            "cls": iou_confidence_bce(flat_iou[cls_rows], match.fg.float()[cls_rows],
+                                      weight=None if row_w is None else row_w[cls_rows]),
         }
         return LossOutput(
             terms={"loss": self._weighted_sum(terms), **terms}, matches=[match], num_fg=int(match.num_fg),
@@ -204,7 +211,8 @@ class EverythingLoss(nn.Module):
     def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> LossOutput:
         """Mean of the per-image losses over a batch.
 
-        Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres]) or a dict with those keys.
+        Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres[, prompt_weights]]) or a
+        dict with those keys.
         Every image weighs the same, including ones without foreground (their mask terms are 0);
         since the mean is linear, loss == sum of w * (batch-mean term) still holds.
         num_fg / num_gt are totals; mean_matched_iou is over all assigned pairs of the batch.

@@ -70,15 +70,26 @@ def _zero(x: Tensor) -> Tensor:
     return x.sum().float() * 0.0
 
 
-def iou_mse(pred_iou: Tensor, true_iou: Tensor) -> Tensor:
-    """Mean squared error of the IoU head against the measured IoU; (N,) each (any shape)."""
+def _mean(values: Tensor, weight: Tensor | None) -> Tensor:
+    """Mean of `values`, or its `weight`-weighted mean (weight of the same shape)."""
+    if weight is None:
+        return values.mean()
+    w = weight.detach().to(values)
+    return (values * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def iou_mse(pred_iou: Tensor, true_iou: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean squared error of the IoU head against the measured IoU; (N,) each (any shape).
+    `weight` (same shape): a weighted mean instead (prompts sampled unevenly from the grid)."""
     if pred_iou.numel() == 0:
         return _zero(pred_iou)
     x = pred_iou.float()
-    return F.mse_loss(x, true_iou.detach().to(x))
+    if weight is None:
+        return F.mse_loss(x, true_iou.detach().to(x))
+    return _mean((x - true_iou.detach().to(x)) ** 2, weight)
 
 
-def iou_confidence_bce(pred_iou: Tensor, labels: Tensor, eps: float = 1e-4) -> Tensor:
+def iou_confidence_bce(pred_iou: Tensor, labels: Tensor, eps: float = 1e-4, weight: Tensor | None = None) -> Tensor:
     """BCE of the predicted IoU, read as a confidence, against 0/1 foreground labels; mean over Q.
 
     The IoU head emits a raw IoU estimate (no sigmoid), so the confidence is
@@ -91,4 +102,4 @@ def iou_confidence_bce(pred_iou: Tensor, labels: Tensor, eps: float = 1e-4) -> T
         return _zero(pred_iou)
     c = pred_iou.float().clamp(eps, 1 - eps)
     y = labels.detach().to(c)
-    return -(y * torch.log(c) + (1 - y) * torch.log(1 - c)).mean()
+    return _mean(-(y * torch.log(c) + (1 - y) * torch.log(1 - c)), weight)
