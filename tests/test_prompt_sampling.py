@@ -135,3 +135,29 @@ def test_unknown_prompt_sampling_names_the_key(tmp_path):
     cfg = compose_cfg(["debug=default", "dataset.prompt_sampling=stratified"])
     with pytest.raises(ValueError, match="dataset.prompt_sampling"):
         build_run(cfg, out_dir=Path(tmp_path))
+
+
+def test_the_objective_hands_the_sample_weights_to_the_iou_head_terms(tmp_path):
+    """The weights reach the loss: the objective's IoU term equals the criterion's with the weights
+    the same seeded draw gives, not the unweighted one."""
+    from mobilesam_se.objective import _ignore
+
+    cfg = compose_cfg(["debug=default", "dataset.prompts_per_step=6", "dataset.prompt_sampling=balanced"])
+    trainer, cleanup = build_run(cfg, out_dir=Path(tmp_path))
+    try:
+        objective = trainer.objective
+        batch = next(iter(trainer.loader))
+        with torch.no_grad():
+            out = objective.everything(batch, torch.Generator().manual_seed(4))
+            groups = [point_groups(objective.model.lowres_coords(batch.points[b]), out.targets[b]) for b in range(len(batch))]
+            points, weights = select_balanced_prompts(batch.points, 6, torch.Generator().manual_seed(4), groups)
+            assert torch.equal(points, out.points)  # the same draw
+            items = lambda w: [(out.outputs.masks[b].float(), out.outputs.iou_pred[b].float(), out.targets[b],
+                                out.lowres_points[b], _ignore(batch, b), None if w is None else w[b])
+                               for b in range(len(batch))]
+            weighted = objective.criterion.batch_forward(items(weights)).terms["iou"]
+            plain = objective.criterion.batch_forward(items(None)).terms["iou"]
+    finally:
+        cleanup()
+    assert float(out.terms["iou"]) == pytest.approx(float(weighted), rel=1e-6)
+    assert float(weighted) != pytest.approx(float(plain), rel=1e-6)
