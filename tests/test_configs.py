@@ -91,11 +91,14 @@ def test_experiment_seed_everything():
     assert (cfg.loss.w_bce, cfg.loss.w_focal, cfg.loss.w_dice, cfg.loss.w_iou, cfg.loss.w_cls) == (1, 15, 1, 1, 1)
     assert cfg.trainer.lr == 1e-5 and cfg.trainer.warmup_steps == 250 and cfg.trainer.max_epochs == 300
     assert cfg.trainer.early_stop_patience == 20 and cfg.trainer.precision == "bf16"
+    # the recipe's AdamW, whatever the from-scratch default's betas are
+    assert list(cfg.trainer.betas) == [0.9, 0.999]
     assert not any(cfg.freeze[p] for p in ("image_encoder", "prompt_encoder", "mask_decoder"))
     assert cfg.matching.fg_iou == 0.5 and cfg.matching.point_credit == 0 and not cfg.matching.point_fg
     # the default (from-scratch) run bootstraps with the point credit instead
     default = compose_cfg([])
     assert default.matching.point_credit > 0 and default.matching.point_fg
+    assert list(default.trainer.betas) != list(cfg.trainer.betas)  # pinned, not inherited by chance
 
 
 def test_mistyped_key_fails_at_compose_time():
