@@ -98,7 +98,7 @@ def test_experiment_seed_everything():
     # the default (from-scratch) run bootstraps with the point credit instead
     default = compose_cfg([])
     assert default.matching.point_credit > 0 and default.matching.point_fg
-    assert list(default.trainer.betas) != list(cfg.trainer.betas)  # pinned, not inherited by chance
+    assert list(default.trainer.betas) != list(cfg.trainer.betas)  # the from-scratch default is not the recipe's AdamW
 
 
 def test_mistyped_key_fails_at_compose_time():

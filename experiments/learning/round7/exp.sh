@@ -7,7 +7,7 @@ run=$1; shift
 repo=$(cd "$(dirname "$0")/../../.." && pwd)
 d=${EXP_DIR:-/tmp/exp16}/runs/$run
 mkdir -p "$d/src"
-(cd "$repo" && tar cf - --exclude=.venv --exclude=outputs --exclude=multirun --exclude=.git --exclude=data .) | (cd "$d/src" && tar xf -)
+(cd "$repo" && tar cf - --anchored --exclude=./.venv --exclude=./outputs --exclude=./multirun --exclude=./.git --exclude=./data .) | (cd "$d/src" && tar xf -)
 cd "$d/src"
 source "$repo/.venv/bin/activate"
 export OMP_NUM_THREADS=${THREADS:-1} MKL_NUM_THREADS=${THREADS:-1}

@@ -2,8 +2,12 @@
 
     OMP_NUM_THREADS=2 N=30 python experiments/learning/round7/prof.py [overrides...]
 """
-import sys, time, collections
+import collections
+import os
+import sys
+import time
 from pathlib import Path
+
 import torch
 from hydra import compose, initialize_config_dir
 from mobilesam_se.assembly import build_run, register_resolvers
@@ -21,7 +25,7 @@ register_resolvers()
 overrides = ["logger=none", "trainer.progress=false", "hydra.run.dir=/tmp/prof_run"] + sys.argv[1:]
 with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
     cfg = compose("config", overrides=overrides)
-trainer, cleanup = build_run(cfg, out_dir=__import__("pathlib").Path("/tmp/prof_run"))
+trainer, cleanup = build_run(cfg, out_dir=Path("/tmp/prof_run"))
 model = trainer.objective.model
 model.image_encoder.forward = timed("encoder", model.image_encoder.forward)
 model.mask_decoder.forward = timed("decoder", model.mask_decoder.forward)
@@ -30,12 +34,11 @@ crit.batch_forward = timed("loss", crit.batch_forward)
 objmod.select_balanced_prompts = timed("balanced", objmod.select_balanced_prompts)
 objmod.point_groups = timed("groups", objmod.point_groups)
 from mobilesam_se.engine.freeze import freeze_batchnorm_stats
-freeze_batchnorm_stats(model)
-trainer.objective.train(); freeze_batchnorm_stats(model)
+trainer.objective.train()
+freeze_batchnorm_stats(model)  # as the default run trains (statistics fixed)
 ds = trainer.train_set
 ds.set_epoch(0)
-opt = trainer.optimizer
-N = int(__import__("os").environ.get("N", 40))
+N = int(os.environ.get("N", 40))
 for i in range(N + 5):
     if i == 5: T.clear(); t0 = time.perf_counter()
     t = time.perf_counter(); batch = collate_samples([ds[i % len(ds)]]); T["data"] += time.perf_counter() - t
@@ -45,3 +48,4 @@ for i in range(N + 5):
 tot = time.perf_counter() - t0
 print(f"threads={torch.get_num_threads()} step={tot/N*1000:.1f} ms")
 for k, v in T.items(): print(f"  {k:10s} {v/N*1000:7.1f} ms  {v/tot:5.1%}")
+cleanup()
