@@ -44,6 +44,7 @@ class DatasetConfig:
     prompts_per_step: Optional[int] = MISSING  # sub-sample the grid per step (None: all)
     prompt_sampling: str = MISSING  # uniform | balanced (about equal odds for every object under the grid)
     max_masks_per_image: Optional[int] = MISSING
+    soft_targets: bool = MISSING  # the mask losses' target: low-res cell coverage (true) or coverage >= 0.5
     on_error: str = MISSING  # raise | skip
     batch_size: int = MISSING
     val_batch_size: int = MISSING

@@ -78,6 +78,13 @@ def _ignore(batch: Batch, b: int) -> Optional[Tensor]:
     return batch.ignore_lowres[b] if b < len(batch.ignore_lowres) else None
 
 
+def _visible_coverage(batch: Batch, b: int) -> Optional[Tensor]:
+    """The soft targets of `_visible_targets`' rows (float), or None when the dataset made none."""
+    if b >= len(batch.coverage_lowres) or batch.coverage_lowres[b] is None:
+        return None
+    return batch.coverage_lowres[b][batch.masks_lowres[b].flatten(1).any(1)].float()
+
+
 class SegmentEverythingObjective(nn.Module):
     """`forward(batch, generator) -> {"loss", **named terms}`: what one micro-batch optimises.
 
@@ -148,7 +155,7 @@ class SegmentEverythingObjective(nn.Module):
         lowres_points = self.model.lowres_coords(points)  # the logits' frame (4x coarser than the input)
         res = self.criterion.batch_forward([
             (out.masks[b].float(), out.iou_pred[b].float(), targets[b], lowres_points[b], _ignore(batch, b),
-             None if weights is None else weights[b].to(device))
+             None if weights is None else weights[b].to(device), _visible_coverage(batch, b))
             for b in range(len(batch))
         ])
         terms = dict(res.terms)

@@ -58,7 +58,45 @@ def test_ensure_generates_once_and_regenerates_on_change(tmp_path):
     assert marker.exists()
     ensure_synthetic_dataset(root, 4, (32, 32), seed=1)
     assert not marker.exists() and len(list((root / "image").iterdir())) == 4
-    assert sorted(p.name for p in root.parent.iterdir()) == ["syn"]  # no temp folders left
+    assert sorted(p.name for p in root.parent.iterdir()) == [".syn.lock", "syn"]  # no temp folders left
+
+
+def _ensure_then_read(root: str, start, out, generations) -> None:
+    import time
+    import mobilesam_se.data.synthetic as synthetic
+    generate = synthetic.generate_synthetic_dataset
+
+    def counted(*args, **kwargs):  # counts generations across processes; the sleep widens the race
+        with generations.get_lock():
+            generations.value += 1
+        time.sleep(0.3)
+        return generate(*args, **kwargs)
+
+    synthetic.generate_synthetic_dataset = counted  # this forked child's module only
+    start.wait()
+    got = ensure_synthetic_dataset(root, 3, (32, 32), seed=1)
+    inode = got.stat().st_ino
+    FolderDataset(got).validate()  # reads every file: fails if root moves away meanwhile
+    out.put((inode, got.stat().st_ino))
+
+
+def test_concurrent_generators_generate_once_and_never_replace_a_finished_dataset(tmp_path):
+    # Ranks that start together: one generates, the others wait on the lock and read its folder;
+    # none may move a finished root away under a reader (the DDP test once saw that).
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    start, out, generations = ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
+    root = str(tmp_path / "syn")
+    procs = [ctx.Process(target=_ensure_then_read, args=(root, start, out, generations)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * 4
+    inodes = {out.get(timeout=5) for _ in procs}
+    assert len({i for pair in inodes for i in pair}) == 1  # one folder, read by all, never replaced
+    assert generations.value == 1
 
 
 def test_synthetic_dataset_splits_and_default_root(tmp_path, monkeypatch):

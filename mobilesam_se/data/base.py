@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from mobilesam_se.data.errors import DatasetError, Problem
 from mobilesam_se.data.sample import Sample
-from mobilesam_se.data.targets import largest_indices, lowres_targets, lowres_touched
+from mobilesam_se.data.targets import largest_indices, lowres_coverage, lowres_targets, lowres_touched
 from mobilesam_se.prompts import grid_points_for_model
 from mobilesam_se.transforms import preprocess_image, preprocess_shape
 
@@ -47,6 +47,9 @@ class MaskDataset(Dataset, Generic[R]):
       on_error: "raise" (default) raises DatasetError naming the bad file; "skip" drops bad samples
         from the index, records them in `skipped` and logs a warning.
       keep_original: also return the original uint8 image (for visualisation).
+      soft_targets: also return each object's low-res cell coverage (`Sample.coverage_lowres`), the
+        mask losses' soft target: a cell an edge crosses keeps the share the object covers, where
+        the >= 0.5 rule of `masks_lowres` moves every edge to a cell boundary.
 
     With on_error="skip" a sample that fails to decode inside __getitem__ is replaced by the next
     good one (a Dataset cannot shrink mid-epoch); call `validate()` (or `check_dataset`) before
@@ -61,6 +64,7 @@ class MaskDataset(Dataset, Generic[R]):
         max_masks_per_image: Optional[int] = None,
         on_error: str = "raise",
         keep_original: bool = False,
+        soft_targets: bool = False,
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -73,6 +77,7 @@ class MaskDataset(Dataset, Generic[R]):
         self.max_masks_per_image = max_masks_per_image
         self.on_error = on_error
         self.keep_original = keep_original
+        self.soft_targets = bool(soft_targets)
         self.skipped: List[Problem] = []
         self._bad: Set[int] = set()  # indices that failed to decode (skip mode), pruned by validate()
         records, problems = self._scan()
@@ -203,7 +208,8 @@ class MaskDataset(Dataset, Generic[R]):
             dropped = union if dropped is None else (dropped | union)
             masks = masks[keep]
         input_hw = preprocess_shape(h, w, self.image_size)
-        lowres = lowres_targets(masks, input_hw, self.image_size)
+        coverage = lowres_coverage(masks, input_hw, self.image_size)
+        lowres = coverage >= 0.5  # lowres_targets' rule, from the coverage already at hand
         ignore_np = None
         if dropped is not None and dropped.any():
             ignore_np = lowres_targets(dropped[None], input_hw, self.image_size)[0]
@@ -225,6 +231,7 @@ class MaskDataset(Dataset, Generic[R]):
             points=grid_points_for_model(self.grid_points, (h, w), self.image_size),
             image_uint8=image if self.keep_original else None,
             ignore_lowres=ignore,
+            coverage_lowres=torch.from_numpy(coverage) if self.soft_targets else None,
         )
 
 

@@ -23,6 +23,9 @@ class Sample:
     - ignore_lowres: (S/4, S/4) bool union of the objects `max_masks_per_image` left out, of COCO crowd
       regions and of the cells touched by objects too small to own a low-res cell, or None:
       candidates that segment those objects are neither foreground nor background.
+    - coverage_lowres: (K, S/4, S/4) float32, the share of each low-res cell each object covers
+      (`masks_lowres` is coverage >= 0.5), or None: only datasets built with `soft_targets=True`
+      return it; the mask losses then take it as a soft target.
     """
 
     image_id: str
@@ -35,6 +38,7 @@ class Sample:
     points: torch.Tensor
     image_uint8: Optional[np.ndarray] = None
     ignore_lowres: Optional[torch.Tensor] = None
+    coverage_lowres: Optional[torch.Tensor] = None
 
     @property
     def num_masks(self) -> int:
@@ -59,12 +63,14 @@ class Batch:
     masks_lowres: List[torch.Tensor] = field(default_factory=list)  # (K, S/4, S/4) bool
     image_uint8: List[Optional[np.ndarray]] = field(default_factory=list)
     ignore_lowres: List[Optional[torch.Tensor]] = field(default_factory=list)
+    coverage_lowres: List[Optional[torch.Tensor]] = field(default_factory=list)  # (K, S/4, S/4) float32 or None
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        """A copy whose training tensors (image, points, masks_lowres, ignore_lowres) are on `device`.
+        """A copy whose training tensors (image, points, masks_lowres, ignore_lowres, coverage_lowres)
+        are on `device`.
 
         The full-resolution masks stay where they are: only evaluation reads them, an image at a
         time, and a batch of them would take device memory for nothing. A tensor already on
@@ -76,12 +82,14 @@ class Batch:
         return dataclasses.replace(
             self, image=move(self.image), points=move(self.points),
             masks_lowres=[move(m) for m in self.masks_lowres], ignore_lowres=[move(m) for m in self.ignore_lowres],
+            coverage_lowres=[move(m) for m in self.coverage_lowres],
         )
 
 
 # Fields whose size is the same for every image of a batch; the rest stay per-image lists.
 _STACKED = ("image", "points")
-_LISTED = ("image_id", "file_name", "orig_size", "input_size", "masks", "masks_lowres", "image_uint8", "ignore_lowres")
+_LISTED = ("image_id", "file_name", "orig_size", "input_size", "masks", "masks_lowres", "image_uint8", "ignore_lowres",
+           "coverage_lowres")
 
 
 def collate_samples(samples: Sequence[Sample]) -> Batch:

@@ -8,6 +8,7 @@ annotations), so every painted pixel belongs to an annotated object or to the ba
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -221,7 +222,8 @@ def ensure_synthetic_dataset(
 
     Generation goes to a temporary sibling folder that is renamed into place, so a crash or a
     concurrent reader never sees half a dataset; a changed parameter regenerates. Concurrent
-    generators (several ranks) both succeed, one rename wins.
+    generators (several ranks) take turns on a lock file beside root: without it, one could find
+    root just renamed into place, take it for stale and move it away under a rank reading it.
     """
     root = Path(root).expanduser()
     if "object_size" in options:
@@ -230,26 +232,23 @@ def ensure_synthetic_dataset(
     if _meta_matches(root, params):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
-        generate_synthetic_dataset(tmp, num_images, params.image_hw, seed, **options)
-        if _meta_matches(root, params):  # another process finished meanwhile
+    with open(root.parent / f".{root.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if _meta_matches(root, params):  # another process made it while this one waited
             return root
-        stale = None
-        if root.exists():  # generated with other parameters: replace it
-            stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-            os.replace(root, stale / "data")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
         try:
+            generate_synthetic_dataset(tmp, num_images, params.image_hw, seed, **options)
+            stale = None
+            if root.exists():  # generated with other parameters: replace it
+                stale = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+                os.replace(root, stale / "data")
             os.rename(tmp, root)
-        except OSError:
-            if _meta_matches(root, params):
-                return root
-            raise
-        if stale is not None:
-            shutil.rmtree(stale, ignore_errors=True)
-        return root
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            if stale is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+            return root
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def default_synthetic_dir() -> Path:

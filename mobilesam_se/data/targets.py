@@ -14,21 +14,27 @@ def lowres_size(input_hw: Tuple[int, int], image_size: int) -> Tuple[int, int]:
     return tuple(min(side, max(1, int(v / 4 + 0.5))) for v in input_hw)  # type: ignore[return-value]
 
 
-def lowres_targets(masks: np.ndarray, input_hw: Tuple[int, int], image_size: int) -> np.ndarray:
-    """(K, H, W) bool full-res masks -> (K, S/4, S/4) bool targets in the low-res logits' frame.
+def lowres_coverage(masks: np.ndarray, input_hw: Tuple[int, int], image_size: int) -> np.ndarray:
+    """(K, H, W) bool full-res masks -> (K, S/4, S/4) float32: the share of each low-res cell that the
+    object covers, in the frame of the low-res logits (the padding beyond the region is 0).
 
-    One area-average resampling straight from the original mask to the object's low-res region,
-    then >= 0.5. Resizing to S first and then again would resample twice (nearest neighbour
-    twice shifts and erodes thin objects); the padding beyond the region stays False.
+    One area-average resampling straight from the original mask to the object's low-res region.
+    Resizing to S first and then again would resample twice (nearest neighbour twice shifts and
+    erodes thin objects).
     """
     side = image_size // 4
     h4, w4 = lowres_size(input_hw, image_size)
-    out = np.zeros((masks.shape[0], side, side), dtype=bool)
+    out = np.zeros((masks.shape[0], side, side), dtype=np.float32)
     # One mask at a time: a float copy of all K masks at once can reach gigabytes (SA-1B).
     for k in range(masks.shape[0]):
-        small = cv2.resize(masks[k].astype(np.float32), (w4, h4), interpolation=cv2.INTER_AREA)
-        out[k, :h4, :w4] = small >= 0.5
+        out[k, :h4, :w4] = cv2.resize(masks[k].astype(np.float32), (w4, h4), interpolation=cv2.INTER_AREA)
     return out
+
+
+def lowres_targets(masks: np.ndarray, input_hw: Tuple[int, int], image_size: int) -> np.ndarray:
+    """(K, H, W) bool full-res masks -> (K, S/4, S/4) bool targets in the low-res logits' frame: the
+    cells an object covers at least half of."""
+    return lowres_coverage(masks, input_hw, image_size) >= 0.5
 
 
 def lowres_touched(mask: np.ndarray, input_hw: Tuple[int, int], image_size: int) -> np.ndarray:

@@ -350,7 +350,8 @@ class Distiller:
             for k in totals:
                 totals[k] += counts[k]
         self._target_stats = totals
-        return dataclasses.replace(batch, masks_lowres=targets)
+        # The teacher's masks have no cell coverage: the mask terms take the binary targets then.
+        return dataclasses.replace(batch, masks_lowres=targets, coverage_lowres=[])
 
     def _dual_supervision(self, batch: Batch, grid: Any, embeddings: Mapping[str, Tensor]) -> Dict[str, Tensor]:
         teacher = self._teacher(self.mask_teacher.teacher)

@@ -94,6 +94,7 @@ class EverythingLoss(nn.Module):
         points_lowres: Tensor | None = None,
         ignore_lowres: Tensor | None = None,
         prompt_weights: Tensor | None = None,
+        soft_lowres: Tensor | None = None,
     ) -> LossOutput:
         """logits (P, M, h, w), pred_iou (P, M), gt_lowres (K, h, w) bool, points (P, 2) xy or None.
 
@@ -103,6 +104,9 @@ class EverythingLoss(nn.Module):
         `prompt_weights` (P,): each prompt's weight in the IoU-head terms (iou, cls), a weighted
         mean, for prompts sampled unevenly from the grid (`dataset.prompt_sampling=balanced`); the
         mask terms are not weighted.
+        `soft_lowres` (K, h, w) float in [0, 1]: each object's cell coverage (`dataset.soft_targets`),
+        the target of the mask terms in place of `gt_lowres`; matching and the IoU targets keep the
+        binary masks.
         """
         p, m, h, w = logits.shape
         match = match_candidates(logits, gt_lowres, points_lowres, self.fg_iou, self.point_credit, self.point_fg)
@@ -118,10 +122,11 @@ class EverythingLoss(nn.Module):
         iou_rows, cls_rows = keep & self._iou_rows(match), keep & self._cls_rows(match)
         row_w = None if prompt_weights is None else prompt_weights.float().repeat_interleave(m).to(flat_iou.device)
         fg_logits = flat_logits[pred_idx]
-        fg_targets = gt_lowres.to(logits.device)[gt_idx].float()
+        soft = soft_lowres is not None
+        fg_targets = (soft_lowres if soft else gt_lowres).to(logits.device)[gt_idx].float()
         terms = {
             "bce": sigmoid_bce(fg_logits, fg_targets),
-            "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma),
+            "focal": sigmoid_focal(fg_logits, fg_targets, self.focal_alpha, self.focal_gamma, soft=soft),
             "dice": dice_loss(fg_logits, fg_targets),
             "iou": iou_mse(flat_iou[iou_rows], self._iou_target(match)[iou_rows],
                            None if row_w is None else row_w[iou_rows]),
@@ -211,7 +216,8 @@ class EverythingLoss(nn.Module):
     def batch_forward(self, images: Sequence[Sequence[Any] | Mapping[str, Any]]) -> LossOutput:
         """Mean of the per-image losses over a batch.
 
-        Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres[, prompt_weights]]) or a
+        Each item is (logits, pred_iou, gt_lowres, points_lowres[, ignore_lowres[, prompt_weights[,
+        soft_lowres]]]) or a
         dict with those keys.
         Every image weighs the same, including ones without foreground (their mask terms are 0);
         since the mean is linear, loss == sum of w * (batch-mean term) still holds.

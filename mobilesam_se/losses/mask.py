@@ -20,18 +20,24 @@ def bce_per_mask(logits: Tensor, targets: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(x, targets.to(x).expand_as(x), reduction="none").flatten(-2).mean(-1)
 
 
-def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def focal_per_mask(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                   soft: bool = False) -> Tensor:
     """RetinaNet focal loss, as SAM trains masks, mean over each mask's pixels: (..., h, w) -> (...).
 
     FL = alpha_t * (1 - p_t)^gamma * CE, alpha_t = alpha for positives, 1 - alpha for negatives.
-    A negative alpha disables the class weighting.
+    A negative alpha disables the class weighting. `soft`: targets in [0, 1] (cell coverages); the
+    modulating factor is then |t - p|^gamma (the quality focal loss), which equals (1 - p_t)^gamma
+    for 0/1 targets and keeps p = t the minimum of the unweighted loss; alpha_t is interpolated.
     """
     x = logits.float()
     t = targets.to(x).expand_as(x)
     p = torch.sigmoid(x)
     ce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
-    p_t = p * t + (1 - p) * (1 - t)
-    loss = ce * (1 - p_t) ** gamma
+    if soft:
+        loss = ce * (t - p).abs() ** gamma
+    else:
+        p_t = p * t + (1 - p) * (1 - t)
+        loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * t + (1 - alpha) * (1 - t))
     return loss.flatten(-2).mean(-1)
@@ -55,9 +61,10 @@ def sigmoid_bce(logits: Tensor, targets: Tensor) -> Tensor:
     return _mean_over_masks(bce_per_mask(logits, targets))
 
 
-def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+def sigmoid_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+                  soft: bool = False) -> Tensor:
     """`focal_per_mask` of (F, h, w) masks, mean over the F masks."""
-    return _mean_over_masks(focal_per_mask(logits, targets, alpha, gamma))
+    return _mean_over_masks(focal_per_mask(logits, targets, alpha, gamma, soft))
 
 
 def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:
