@@ -25,6 +25,7 @@ class ModelConfig:
     activation_checkpointing: bool = MISSING  # recompute each prompt chunk in backward (the model's grad_checkpointing flag)
     attention_init: str = MISSING  # default | tied_qk: the decoder's key projections start equal to its queries
     drop_path_rate: float = MISSING
+    pe_scale: float = MISSING  # std of the positional encoding's Gaussian frequencies (SAM: 1.0)
     net: Any = MISSING  # {_target_: ..., **arguments}
 
 

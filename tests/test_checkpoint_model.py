@@ -81,7 +81,7 @@ def test_training_describes_best_pt_beside_it_and_last_ckpt_inside(ckpts):
     assert _described(side) == DESCRIBED
     assert side["net"] == {"_target_": "mobilesam_se.models.build.build_mobilesam", "image_size": 128, "size": "tiny",
                            "checkpoint": None, "drop_path_rate": 0.0, "grad_checkpointing": False,
-                           "attention_init": "tied_qk"}
+                           "attention_init": "tied_qk", "pe_scale": 0.5}
     last = ckpts / "last.ckpt"
     description, source = read_description(last, torch.load(last, weights_only=True))
     assert description == side and source == "the config inside last.ckpt"

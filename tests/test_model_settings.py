@@ -128,6 +128,30 @@ def test_attention_init_is_checked_and_set_from_the_config():
     assert cfg.model.attention_init == "tied_qk" and cfg.model.net.attention_init == "tied_qk"
 
 
+def test_pe_scale_spreads_the_positional_frequencies_and_a_checkpoint_overwrites_them():
+    torch.manual_seed(0)
+    sam = build_mobilesam(256, size="tiny", pe_scale=1.0)
+    torch.manual_seed(0)
+    low = build_mobilesam(256, size="tiny", pe_scale=0.5)
+    key = "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+    torch.testing.assert_close(low.state_dict()[key], 0.5 * sam.state_dict()[key], rtol=0, atol=0)
+    # Only the frequencies change: the rest of the init is the same draw.
+    assert all(torch.equal(p, sam.state_dict()[n]) for n, p in low.state_dict().items() if n != key)
+
+    def neighbour_similarity(model):  # mean cosine of the dense encoding at horizontally adjacent tokens
+        pe = torch.nn.functional.normalize(model.prompt_encoder.get_dense_pe()[0], dim=0)
+        return float((pe[:, :, 1:] * pe[:, :, :-1]).sum(0).mean())
+
+    # What it is for: lower frequencies, so nearby positions encode alike (a smoother positional kernel).
+    assert neighbour_similarity(low) > neighbour_similarity(sam) + 0.05
+    low.load_state_dict(sam.state_dict())  # a checkpoint brings its own frequencies
+    assert torch.equal(low.state_dict()[key], sam.state_dict()[key])
+    with pytest.raises(ValueError, match="model.pe_scale"):
+        build_mobilesam(64, size="tiny", pe_scale=0.0)
+    cfg = compose_cfg(["model=tiny", "model.pe_scale=0.25"])
+    assert cfg.model.net.pe_scale == 0.25
+
+
 @pytest.mark.parametrize("impl", ["fused", "foreach"])
 def test_optimizer_impls_take_the_per_parameter_loops_steps(impl):
     """trainer.optimizer_impl changes how AdamW runs, not what it computes (also after an unfreeze)."""

@@ -39,13 +39,14 @@ DECODER_SIZES = {
 ENCODER_SIZES = {"mobilesam": MOBILESAM_TINYVIT, "small": SMALL_TINYVIT, "tiny": TINY_TINYVIT}
 
 
-def build_sam_head(encoder, image_size: int, decoder_size: str = "mobilesam") -> SamModel:
-    """Wrap an image encoder with SAM's prompt encoder and mask decoder."""
+def build_sam_head(encoder, image_size: int, decoder_size: str = "mobilesam", pe_scale: float = 1.0) -> SamModel:
+    """Wrap an image encoder with SAM's prompt encoder and mask decoder. `pe_scale`: the spread of the
+    positional encoding's random frequencies (SAM's 1.0; a buffer that a checkpoint overwrites)."""
     cfg = DECODER_SIZES[decoder_size]
     grid = image_size // 16
     prompt_encoder = PromptEncoder(
         embed_dim=cfg["dim"], image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
-        mask_in_chans=cfg["mask_in_chans"],
+        mask_in_chans=cfg["mask_in_chans"], pe_scale=pe_scale,
     )
     decoder = MaskDecoder(
         transformer_dim=cfg["dim"],
@@ -67,6 +68,7 @@ def build_mobilesam(
     drop_path_rate: float = 0.0,
     grad_checkpointing: bool = False,
     attention_init: str = "default",
+    pe_scale: float = 1.0,
 ) -> SamModel:
     """MobileSAM. `size='mobilesam'` is the official architecture; `small` and `tiny` (tests, CPU runs)
     are the same topology, narrower.
@@ -75,14 +77,18 @@ def build_mobilesam(
     `last.ckpt`, loaded strictly. `grad_checkpointing` sets the model's flag
     (`model.activation_checkpointing` in the config). `attention_init`: "default" (PyTorch's init,
     as the reference) or "tied_qk" (the decoder's attention starts as a positional kernel, see
-    `tie_query_key_init`; what random-init training wants, overwritten by a checkpoint).
+    `tie_query_key_init`; what random-init training wants, overwritten by a checkpoint). `pe_scale`:
+    the standard deviation of the positional encoding's Gaussian frequencies (SAM's 1.0; a buffer in
+    the state dict, so a checkpoint overwrites it too).
     """
     if attention_init not in ATTENTION_INITS:
         raise ValueError(f"model.attention_init must be one of {ATTENTION_INITS}, got {attention_init!r}")
+    if not pe_scale > 0:
+        raise ValueError(f"model.pe_scale must be > 0 (SAM's is 1.0), got {pe_scale!r}")
     size = size_name(size)
     if size not in ENCODER_SIZES:
         raise ValueError(f"model.size must be one of {SIZES}, got {size!r}")
-    model = build_sam_head(TinyVitImageEncoder(ENCODER_SIZES[size], drop_path_rate), image_size, size)
+    model = build_sam_head(TinyVitImageEncoder(ENCODER_SIZES[size], drop_path_rate), image_size, size, pe_scale)
     model.set_grad_checkpointing(grad_checkpointing)
     if attention_init == "tied_qk":
         tie_query_key_init(model.mask_decoder)
