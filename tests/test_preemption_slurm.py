@@ -21,7 +21,7 @@ from mobilesam_se.models.checkpoint import read_checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 8  # the signal comes after epoch 1; the rest leaves it seconds to arrive while training
+EPOCHS = 30  # the signal comes after epoch 1; the rest (~0.2 s each) leaves it seconds to arrive while training, also on a loaded machine (8 were once too few)
 
 
 def _submitit_logs(sweep):
