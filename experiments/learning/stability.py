@@ -1,0 +1,59 @@
+"""Why the stock AMG keeps no mask: predicted IoU against stability score of every raw AMG mask.
+
+    python experiments/learning/stability.py <best.pt> [more checkpoints...]
+
+Runs the AMG with every filter open (pred_iou_thresh 0, stability_score_thresh 0, no NMS) on the
+synthetic val split of the default config and prints, for the masks above a few predicted-IoU
+levels, their stability scores (SAM's: IoU of the mask at logit > +1 and > -1). The stock AMG keeps
+a mask only when both its predicted IoU > 0.88 and its stability >= 0.95.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mobilesam_se.assembly import register_resolvers
+from mobilesam_se.inference.amg import EverythingGenerator
+from mobilesam_se.models.build import build_mobilesam
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--size", default="small")
+    parser.add_argument("--image-size", type=int, default=256)
+    args = parser.parse_args()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none"])
+    dataset = instantiate(cfg.dataset.val, keep_original=True)
+    for ckpt in args.checkpoints:
+        model = build_mobilesam(args.image_size, args.size, checkpoint=ckpt).eval()
+        gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
+                                  stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+        pred, stab = [], []
+        for i in range(len(dataset)):
+            with torch.no_grad():
+                records = gen.generate(dataset[i].image_uint8)
+            pred += [r["predicted_iou"] for r in records]
+            stab += [r["stability_score"] for r in records]
+        pred, stab = np.asarray(pred), np.asarray(stab)
+        print(f"{ckpt}: {len(dataset)} images, {pred.size} masks; stability >= 0.95: {np.mean(stab >= 0.95):.2%} "
+              f"of all; pred > 0.88 and stability >= 0.95 (what the stock AMG keeps): {np.sum((pred > 0.88) & (stab >= 0.95))}")
+        for level in (0.6, 0.7, 0.8, 0.88):
+            sel = pred > level
+            if sel.any():
+                s = stab[sel]
+                print(f"  pred IoU > {level:.2f}: {sel.sum():4d} masks, stability median {np.median(s):.3f}, "
+                      f"90th percentile {np.quantile(s, 0.9):.3f}, max {s.max():.3f}")
+
+
+if __name__ == "__main__":
+    main()
