@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 
 from mobilesam_se.assembly import register_resolvers
 from mobilesam_se.inference.amg import EverythingGenerator
-from mobilesam_se.models.build import build_mobilesam
+from mobilesam_se.models.build import build_from_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,15 +27,14 @@ REPO = Path(__file__).resolve().parents[2]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
-    parser.add_argument("--size", default="small")
-    parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args()
     register_resolvers()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none"])
-    dataset = instantiate(cfg.dataset.val, keep_original=True)
     for ckpt in args.checkpoints:
-        model = build_mobilesam(args.image_size, args.size, checkpoint=ckpt).eval()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=["logger=none"])
+        # The model its checkpoint describes (as evaluate builds it); the val split at that model's size.
+        model = build_from_checkpoint(ckpt, cfg).eval()
+        dataset = instantiate(cfg.dataset.val, keep_original=True)
         gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
                                   stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
         pred, stab = [], []
