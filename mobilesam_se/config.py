@@ -242,7 +242,6 @@ class TrainerConfig:
     low_res_schedule: str = MISSING  # restart (own warm-up + cosine at full size) | continue
     grad_accum: int = MISSING
     grad_clip: Optional[float] = MISSING
-    ema_decay: Optional[float] = MISSING  # validate and save an EMA of the weights (null: off)
     precision: str = MISSING  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     device: str = MISSING
     val_every: int = MISSING  # epochs

@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from mobilesam_se.data.sample import Batch, collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
-from mobilesam_se.engine.ema import WeightEMA
 from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
 from mobilesam_se.engine.optim import build_optimizer, build_scheduler, uses_foreach
 from mobilesam_se.engine.pictures import save_validation_pictures
@@ -96,7 +95,6 @@ class Trainer:
         low_res_schedule: str = "restart",
         grad_accum: int = 1,
         grad_clip: Optional[float] = None,
-        ema_decay: Optional[float] = None,
         precision: str = "auto",
         device: str = "auto",
         val_every: int = 1,
@@ -194,8 +192,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps, self.total_steps, min_lr_ratio, restarts)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.wrapped = self._wrap_ddp()
-        # Validation and best.pt use the averaged weights; last.ckpt keeps both.
-        self.ema = WeightEMA(self.model, ema_decay) if ema_decay is not None else None
 
     # -- set-up ----------------------------------------------------------------------------------
     @staticmethod
@@ -260,7 +256,6 @@ class Trainer:
             "rng": capture_rng(),
             "lambda": self.distiller.lambda_coef if self.distiller is not None else None,
             "distiller": self.distiller.state_dict() if self.distiller is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
             "best_score": self.best_score,
             "bad_validations": self.bad_validations,
             "unfrozen": self.unfrozen,
@@ -297,13 +292,6 @@ class Trainer:
         self._resumed_count = int(state.get("epoch_count") or 0)
         if self.distiller is not None and state.get("distiller") is not None:
             self.distiller.load_state_dict(state["distiller"])
-        if self.ema is not None:
-            if state.get("ema") is not None:
-                self.ema.load_state_dict(state["ema"], str(self.last_path))
-            else:
-                self.ema = WeightEMA(self.model, self.ema.decay)
-                log.warning("%s has no EMA state (saved with trainer.ema_decay=null): the average restarts "
-                            "from the resumed weights", self.last_path)
         restore_rng(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", self.last_path, self.epoch, self.step)
         return state
@@ -353,8 +341,6 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update()
         self.step += 1
         return True
 
@@ -475,10 +461,6 @@ class Trainer:
         metrics = all_reduce_mean(result.metrics, self.dist, self.device) if self.dist.enabled else result.metrics
         return metrics, result.visuals
 
-    def _averaged(self):
-        """The weights validation and best.pt see: the EMA when trainer.ema_decay is set."""
-        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-
     def _calibration_guard(self, metrics: Dict[str, float]) -> None:
         message = calibration_warning(metrics, self.epoch)
         if message and self.dist.is_main:
@@ -560,8 +542,7 @@ class Trainer:
             record.update({f"train/{k}": v for k, v in train_means.items()})
             val_due = self.val_every > 0 and ((self.epoch + 1) % self.val_every == 0 or self.epoch + 1 == self.max_epochs)
             if val_due:
-                with self._averaged():
-                    metrics, visuals = self._validate(self.visual_images if self.dist.is_main else 0)
+                metrics, visuals = self._validate(self.visual_images if self.dist.is_main else 0)
                 record.update({f"val/{k}": v for k, v in metrics.items()})
                 self._calibration_guard(metrics)
                 score = metrics.get(self.monitor, float("nan"))
@@ -569,8 +550,7 @@ class Trainer:
                 if improved:
                     self.best_score = score
                     self.bad_validations = 0
-                    with self._averaged():
-                        self.files.save_best(self.model)
+                    self.files.save_best(self.model)
                 else:
                     self.bad_validations += 1
                 if self.dist.is_main and (improved or (self.visual_every > 0 and (self.epoch + 1) % self.visual_every == 0)):
