@@ -224,3 +224,14 @@ def test_run_py_names_the_new_key():
     proc = subprocess.run([sys.executable, "run.py", "dataset.mode=single"], cwd=CONF.parent, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "dataset.mode is now prompted.mode (prompted.mode=single)" in proc.stderr
+
+
+def test_experiment_long_doubles_the_default_schedule_and_nothing_else():
+    default, long = compose_cfg([]), compose_cfg(["experiment=long"])
+    assert long.trainer.max_epochs == 2 * default.trainer.max_epochs
+    assert long.trainer.val_every == long.trainer.coco_eval_every == default.trainer.max_epochs
+    assert long.task_name == "train_long"
+    changed = {k for k in default.trainer if default.trainer[k] != long.trainer[k]}
+    assert changed == {"max_epochs", "val_every", "coco_eval_every"}
+    for group in ("model", "dataset", "loss", "matching", "freeze"):
+        assert long[group] == default[group], group
