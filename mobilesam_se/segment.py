@@ -110,7 +110,8 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> List[Path]:
     device = resolve_device(cfg.device)
 
     model = build_from_checkpoint(ckpt, cfg, typed_model_keys(overrides)).eval().to(device)
-    generator = EverythingGenerator(model, **gen_kwargs)
+    # One mask per point from a model trained single-mask (its description); 3, as the reference, otherwise.
+    generator = EverythingGenerator(model, multimask_output=bool(cfg.model.multimask_output), **gen_kwargs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = output_stems(files, src)

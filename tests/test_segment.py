@@ -221,3 +221,23 @@ def test_cli_module_relative_paths(cli_inputs, tmp_path):
     bad = subprocess.run(cmd[:3] + ["checkpoint=missing.pt", "input=in.jpg", "output=res"], cwd=work,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "checkpoint not found: missing.pt" in bad.stderr
+
+
+def test_single_mask_generator_decodes_token_0(tiny, small_image):
+    """A model trained with model.multimask_output=false has learnt mask token 0 only: the AMG must
+    decode that token (one mask per point), not tokens 1-3 as the reference's AMG always does."""
+    open_filters = dict(points_per_side=3, pred_iou_thresh=-1e9, stability_score_thresh=0.0, box_nms_thresh=1.0,
+                        output_mode="binary_mask")
+    one = EverythingGenerator(tiny, multimask_output=False, **open_filters).generate(small_image)
+    three = EverythingGenerator(tiny, **open_filters).generate(small_image)
+    assert len(one) == 9 and len(three) == 27  # every mask kept: 1 vs 3 per point
+    from mobilesam_se.transforms import apply_coords, preprocess_image
+
+    S = tiny.image_size
+    pixels = preprocess_image(small_image, S)
+    pts = layer_point_grids(3, 0, 1)[0] * np.array(small_image.shape[1::-1])
+    with torch.no_grad():
+        emb = tiny.image_encoder(pixels[None])
+        coords = torch.as_tensor(apply_coords(pts, small_image.shape[:2], S), dtype=torch.float32)
+        token0 = tiny.predict_grid(emb, coords[None], multimask_output=False).iou_pred[0, :, 0]
+    np.testing.assert_allclose(sorted(r["predicted_iou"] for r in one), sorted(token0.tolist()), rtol=1e-5, atol=1e-6)

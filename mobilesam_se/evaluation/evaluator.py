@@ -291,7 +291,7 @@ def evaluate_everything(
     if getattr(dataset, "image_size", image_size) != image_size:
         raise ValueError(f"the dataset prepares {dataset.image_size}px inputs but the model takes {image_size}px")
     n = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    gen = _resolve_generator(model, generator, dataset, points_per_batch)
+    gen = _resolve_generator(model, generator, dataset, points_per_batch, multimask_output)
     evaluator = EverythingEvaluator(gen, max_dets, calibration_bins, survive, progress_total=n, progress=progress)
     loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
                         collate_fn=collate_samples, num_workers=num_workers)
@@ -307,11 +307,13 @@ def evaluate_everything(
     return EverythingReport(metrics=metrics, reliability=evaluator.reliability, info=full_info)
 
 
-def _resolve_generator(model: nn.Module, generator: Any, dataset, points_per_batch: int):
+def _resolve_generator(model: nn.Module, generator: Any, dataset, points_per_batch: int, multimask_output: bool = True):
     if generator is None or generator is False:
         return None
     if generator is True or isinstance(generator, dict):
-        kwargs = {"points_per_side": int(getattr(dataset, "grid_points", 32)), "points_per_batch": points_per_batch}
+        # The AMG decodes the mask tokens the raw candidates come from (a single-mask model: token 0).
+        kwargs = {"points_per_side": int(getattr(dataset, "grid_points", 32)), "points_per_batch": points_per_batch,
+                  "multimask_output": multimask_output}
         if isinstance(generator, dict):
             kwargs.update({k: v for k, v in generator.items() if v is not None})
         return build_generator(model, **kwargs)

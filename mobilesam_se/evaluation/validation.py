@@ -243,8 +243,8 @@ class Validator:
         loader = self.loader()
         evaluator = None
         if coco:
-            generator = (build_generator(model, points_per_side=self.grid_points, points_per_batch=self.points_per_batch)
-                         if amg else None)
+            generator = (build_generator(model, points_per_side=self.grid_points, points_per_batch=self.points_per_batch,
+                                         multimask_output=self.multimask_output) if amg else None)
             evaluator = EverythingEvaluator(generator)
         metrics, visuals = validate(
             model, loader, device, self.image_size, self.multimask_output, self.points_per_batch, autocast_dtype,

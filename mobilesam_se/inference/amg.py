@@ -259,7 +259,11 @@ class EverythingGenerator:
         upsample_chunk_elems: Optional[int] = None,
         filter_per_batch: Optional[bool] = None,
         precision: str = "fp32",
+        multimask_output: bool = True,
     ) -> None:
+        """`multimask_output` (not in the reference, which always decodes 3 masks per point): False
+        decodes one mask per point from mask token 0, the only one a model trained with
+        `model.multimask_output=false` has learnt; True is the reference's AMG."""
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("give exactly one of points_per_side and point_grids")
         if output_mode not in OUTPUT_MODES:
@@ -298,6 +302,7 @@ class EverythingGenerator:
         # None: filter each point batch as it comes on the CPU, once per crop elsewhere (see _run_points).
         self.filter_per_batch = filter_per_batch
         self.precision = precision
+        self.multimask_output = bool(multimask_output)
         if precision == "bf16" and model.device.type == "cpu" and not cpu_has_fast_bf16():
             warnings.warn("precision=bf16 on a CPU without native bf16 (avx512_bf16 / AMX): PyTorch emulates it, "
                           "which is much slower than fp32 (use precision=fp32 here)", stacklevel=2)
@@ -441,7 +446,7 @@ class EverythingGenerator:
         for s in range(0, len(points), self.points_per_batch):
             pts = model_points[s : s + self.points_per_batch]
             with self._autocast():
-                out = self.model.predict_grid(ctx["embedding"], pts[None], multimask_output=True,
+                out = self.model.predict_grid(ctx["embedding"], pts[None], multimask_output=self.multimask_output,
                                               points_per_batch=self.points_per_batch)
             self.stats["points_decoded"] += len(pts)
             low = out.masks[0].flatten(0, 1)  # (n * M, s, s): point-major, as the reference
