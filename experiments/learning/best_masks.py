@@ -9,30 +9,20 @@ the best masks above IoU 0.85. The stock AMG keeps a mask only when predicted Io
 stability >= 0.95.
 """
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from mobilesam_se.assembly import register_resolvers
-from mobilesam_se.inference.amg import EverythingGenerator
-from mobilesam_se.models.build import build_from_checkpoint
+from stability import open_amg  # this folder (the script's own directory is on sys.path)
 
-REPO = Path(__file__).resolve().parents[2]
 SIZES = ((0, 1024), (1024, 4096), (4096, 1e9))  # COCO small / medium / large, in pixels
 
 
 def main(checkpoints) -> None:
     register_resolvers()
     for ckpt in checkpoints:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["logger=none"])
-        model = build_from_checkpoint(ckpt, cfg).eval()
-        ds = instantiate(cfg.dataset.val, keep_original=True)
-        gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
-                                  stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+        gen, ds = open_amg(ckpt)
         rows = []
         for i in range(len(ds)):
             s = ds[i]

@@ -24,19 +24,25 @@ from mobilesam_se.models.build import build_from_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 
 
+def open_amg(ckpt: str):
+    """(the AMG with every filter open, the default config's val split) for `ckpt`: the model its
+    checkpoint describes (as evaluate builds it), the val split read at that model's size."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none"])
+    model = build_from_checkpoint(ckpt, cfg).eval()
+    dataset = instantiate(cfg.dataset.val, keep_original=True)
+    gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
+                              stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+    return gen, dataset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     args = parser.parse_args()
     register_resolvers()
     for ckpt in args.checkpoints:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=["logger=none"])
-        # The model its checkpoint describes (as evaluate builds it); the val split at that model's size.
-        model = build_from_checkpoint(ckpt, cfg).eval()
-        dataset = instantiate(cfg.dataset.val, keep_original=True)
-        gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
-                                  stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
+        gen, dataset = open_amg(ckpt)
         pred, stab = [], []
         for i in range(len(dataset)):
             with torch.no_grad():
