@@ -215,6 +215,13 @@ def run(cfg, overrides: Optional[Sequence[str]] = None) -> Path:
             print(f"note: the official code builds the full model at {OFFICIAL_IMAGE_SIZE} px; this file "
                   f"(model.size={cfg.model.size}, {cfg.model.image_size} px) loads there only if it matches; "
                   "mobilesam_se reads its .model.yaml", file=sys.stderr)
+        if not bool(cfg.model.multimask_output):
+            # The official SamAutomaticMaskGenerator always decodes tokens 1-3, which this model never trained.
+            print("note: this model was trained with model.multimask_output=false (mask token 0 only); the "
+                  "official SamAutomaticMaskGenerator always decodes tokens 1-3 and will return poor or no "
+                  "masks. Use SamPredictor.predict(..., multimask_output=False), or "
+                  "`python -m mobilesam_se.segment`, which reads the model description beside the file",
+                  file=sys.stderr)
         export_official(model, out, cfg.model)
         print(f"wrote {out} (official MobileSAM layout) and its model description")
         return out

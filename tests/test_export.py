@@ -104,3 +104,17 @@ def test_mobile_sam_export_loads_in_official_code(tmp_path, coffee):
         out_ours = ours.predict_grid(emb, pts[None])
     assert ((out_ours.masks[0] - low).abs().max() / low.abs().max()).item() < 1e-4
     assert (out_ours.iou_pred[0] - iou).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_single_mask_export_warns_about_the_official_amg(tiny_ckpt, tmp_path, capsys, multimask):
+    root, _ = tiny_ckpt
+    out = tmp_path / "exported.pt"
+    run(compose_export([f"checkpoint={root / 'best.pt'}", "format=mobile_sam", f"out={out}",
+                        "model.image_size=128", f"model.multimask_output={str(multimask).lower()}"]))
+    err = capsys.readouterr().err
+    assert ("SamAutomaticMaskGenerator" in err) is (not multimask)
+    # the description beside the export keeps the setting, so our segment / evaluate decode token 0
+    from mobilesam_se.models.checkpoint import description_path
+
+    assert f"multimask_output: {str(multimask).lower()}" in description_path(out).read_text()
