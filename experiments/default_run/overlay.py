@@ -18,23 +18,29 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", type=Path)
     p.add_argument("-o", "--out", type=Path, required=True)
-    p.add_argument("--size", default="small", help="model size of the checkpoint (tiny | small | full)")
-    p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--scenes", default="1,4,7", help="val scene indices")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from mobilesam_se.data.synthetic import SyntheticDataset
+    repo = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(repo))
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mobilesam_se.assembly import register_resolvers
     from mobilesam_se.inference import EverythingGenerator
     from mobilesam_se.inference.thresholds import TUNED_KEYS, apply_tuned
-    from mobilesam_se.models.build import build_mobilesam
+    from mobilesam_se.models.build import build_from_checkpoint
     from mobilesam_se.visual import overlay_masks_on_image, save_rgb, side_by_side
 
-    model = build_mobilesam(args.image_size, size=args.size, checkpoint=str(args.checkpoint)).eval()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none"])
+    # the model its description says (size, image size, mask tokens), as evaluate builds it
+    model = build_from_checkpoint(args.checkpoint, cfg).eval()
     kwargs, used = apply_tuned(dict(TUNED_KEYS), args.checkpoint)
-    gen = EverythingGenerator(model, points_per_side=8, output_mode="binary_mask", **kwargs)
-    val = SyntheticDataset(split="val", num_images=32, image_hw=(192, 256), image_size=args.image_size,
-                           grid_points=8, keep_original=True)
+    gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), output_mode="binary_mask",
+                              multimask_output=bool(cfg.model.multimask_output), **kwargs)
+    val = instantiate(cfg.dataset.val, keep_original=True)  # the default run's val split at the model's size
     rows = []
     for i in (int(s) for s in args.scenes.split(",")):
         sample = val[i]

@@ -32,6 +32,7 @@ def open_amg(ckpt: str):
     model = build_from_checkpoint(ckpt, cfg).eval()
     dataset = instantiate(cfg.dataset.val, keep_original=True)
     gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
+                              multimask_output=bool(cfg.model.multimask_output),  # as the checkpoint trained
                               stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
     return gen, dataset
 
