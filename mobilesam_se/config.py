@@ -258,6 +258,7 @@ class TrainerConfig:
     coco_eval_amg: bool = MISSING  # also score the stock AMG output (a second pass over each image)
     tune_amg: bool = MISSING  # at the end, tune the AMG thresholds for best.pt on val (best.amg.yaml)
     tune_max_images: Optional[int] = MISSING  # val images the tuning decodes (null: all)
+    tune_objective: str = MISSING  # what that tuning maximises: AR_100 | f1
 
 
 @dataclass

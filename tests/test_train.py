@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers.hydra_utils import compose_cfg
 from helpers.wandb_records import history_keys, read_run
@@ -107,7 +108,7 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path):
 
 
 def test_outputs_checkpoints_and_visuals(tmp_path):
-    trainer, res = fit(["matching=bootstrap", "trainer.tune_amg=true"], tmp_path)
+    trainer, res = fit(["matching=bootstrap", "trainer.tune_amg=true", "trainer.tune_objective=f1"], tmp_path)
     ck = tmp_path / "checkpoints"
     state = read_checkpoint(ck / "last.ckpt")  # weights_only load works
     for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "rng", "lambda", "best_score", "wandb_run_id"):
@@ -119,11 +120,20 @@ def test_outputs_checkpoints_and_visuals(tmp_path):
     assert len((ck / "training_log.txt").read_text().splitlines()) == 2
     assert list((tmp_path / "vis").glob("epoch_*/*.png"))
     assert (tmp_path / "config_resolved.yaml").exists()
-    from mobilesam_se.inference.thresholds import TUNED_KEYS, read_tuned
+    from mobilesam_se.inference.thresholds import TUNED_KEYS, read_tuned, tuned_path
 
     tuned = read_tuned(ck / "best.pt")  # the AMG thresholds tuned for the final best.pt
     assert tuned is not None and set(tuned) == set(TUNED_KEYS)
     assert all(0.0 < v <= 1.0 for v in tuned.values())
+    info = yaml.safe_load(tuned_path(ck / "best.pt").read_text())["info"]
+    assert info["objective"] == "f1"  # trainer.tune_objective reached the tuning
+
+
+def test_unknown_tune_objective_fails_before_training(tmp_path):
+    cfg = compose_cfg(["debug=default", "trainer.tune_objective=AP"])
+    with pytest.raises(ValueError, match="trainer.tune_objective"):
+        build_run(cfg, out_dir=tmp_path)
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_run_py_command_line_with_wandb_offline(tmp_path):

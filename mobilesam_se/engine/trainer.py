@@ -109,6 +109,7 @@ class Trainer:
         coco_eval_amg: bool = False,
         tune_amg: bool = False,
         tune_max_images: Optional[int] = None,
+        tune_objective: str = "AR_100",
     ) -> None:
         """`objective`: `objective.SegmentEverythingObjective` (its `.model` is the student);
         `validator`: `evaluation.validation.Validator` of `val_set`; `run_config`: the composed
@@ -142,6 +143,11 @@ class Trainer:
         self.prompted_eval = prompted_eval
         self.coco_eval_every, self.coco_eval_amg = coco_eval_every, coco_eval_amg
         self.tune_amg, self.tune_max_images = tune_amg, tune_max_images
+        from mobilesam_se.evaluation.tuning import OBJECTIVES
+
+        if tune_objective not in OBJECTIVES:  # now, not after the training it would end
+            raise ValueError(f"trainer.tune_objective must be one of {OBJECTIVES}, got {tune_objective!r}")
+        self.tune_objective = tune_objective
         self.image_size = int(getattr(self.model, "image_size", 0))
         self.low_res_epochs = self._low_res_epochs(low_res_fraction, max_epochs)
         self.low_res_size = self._check_low_res(low_res_scale)
@@ -481,6 +487,7 @@ class Trainer:
         result = tune_amg_thresholds(
             model, self.val_set, self.device, multimask_output=self.validator.multimask_output,
             points_per_batch=self.validator.points_per_batch, max_images=self.tune_max_images, progress=self.progress,
+            objective=self.tune_objective,
         )
         path = write_tuned(best, result.best, {"objective": result.objective, "split": "val",
                                                "num_images": result.num_images, "stock": result.stock, "tuned": result.tuned})
