@@ -12,36 +12,24 @@ the second.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from mobilesam_se.assembly import register_resolvers
 from mobilesam_se.data.sample import collate_samples
 from mobilesam_se.data.targets import lowres_targets
 from mobilesam_se.evaluation.validation import full_res_candidates, predict_candidates
-from mobilesam_se.models.build import build_from_checkpoint
+from mobilesam_se.matching import mask_iou_matrix
+from stability import open_val  # this folder (the script's own directory is on sys.path)
 
-REPO = Path(__file__).resolve().parents[2]
 BINS = ((0.5, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.88), (0.88, 1.01))
-
-
-def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(Q, N) and (K, N) 0/1 float -> (Q, K) IoU."""
-    inter = a @ b.T
-    return inter / (a.sum(1, keepdim=True) + b.sum(1) - inter).clamp_min(1)
 
 
 def candidate_ious(ckpt: str):
     """(predicted, low-res, full-res) IoU of every val candidate of `ckpt`'s model."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["logger=none"])
-    model = build_from_checkpoint(ckpt, cfg).eval()  # sets cfg.model to what the checkpoint describes
-    dataset = instantiate(cfg.dataset.val, keep_original=True)
+    model, cfg, dataset = open_val(ckpt)
     size, multimask = int(cfg.model.image_size), bool(cfg.model.multimask_output)
     pred, low, full = [], [], []
     for batch in DataLoader(dataset, batch_size=4, collate_fn=collate_samples):
@@ -50,9 +38,9 @@ def candidate_ious(ckpt: str):
             q = logits[b].flatten(0, 1)
             gt = batch.masks[b]
             masks = full_res_candidates(q, batch.input_size[b], batch.orig_size[b], size)
-            f_iou = pairwise_iou(masks.flatten(1).float(), gt.flatten(1).float())
+            f_iou = mask_iou_matrix(masks, gt)
             target = torch.from_numpy(lowres_targets(gt.numpy(), tuple(batch.input_size[b]), size))
-            l_iou = pairwise_iou((q > 0).flatten(1).float(), target.flatten(1).float())
+            l_iou = mask_iou_matrix(q > 0, target)
             best = f_iou.argmax(1, keepdim=True)
             pred.append(scores[b].flatten())
             full.append(f_iou.gather(1, best)[:, 0])

@@ -24,13 +24,18 @@ from mobilesam_se.models.build import build_from_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 
 
-def open_amg(ckpt: str):
-    """(the AMG with every filter open, the default config's val split) for `ckpt`: the model its
-    checkpoint describes (as evaluate builds it), the val split read at that model's size."""
+def open_val(ckpt: str):
+    """(model, cfg, val split) for `ckpt`: the model its checkpoint describes (as evaluate builds
+    it; `cfg.model` set to it), the default config's val split read at that model's size."""
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["logger=none"])
     model = build_from_checkpoint(ckpt, cfg).eval()
-    dataset = instantiate(cfg.dataset.val, keep_original=True)
+    return model, cfg, instantiate(cfg.dataset.val, keep_original=True)
+
+
+def open_amg(ckpt: str):
+    """(the AMG with every filter open, the default config's val split) for `ckpt` (`open_val`)."""
+    model, cfg, dataset = open_val(ckpt)
     gen = EverythingGenerator(model, points_per_side=int(cfg.dataset.grid_points), pred_iou_thresh=0.0,
                               multimask_output=bool(cfg.model.multimask_output),  # as the checkpoint trained
                               stability_score_thresh=0.0, box_nms_thresh=1.0, output_mode="binary_mask")
