@@ -225,6 +225,15 @@ class DistillationConfig:
 
 
 @dataclass
+class MuonConfig:
+    lr: float = MISSING  # Muon's peak learning rate (the schedule scales it as it scales trainer.lr)
+    weight_decay: float = MISSING
+    momentum: float = MISSING
+    convs: bool = MISSING  # convolution filters too (as (out, in*k*k) matrices), depthwise ones excepted
+    exclude: List[str] = MISSING  # fnmatch patterns of weight names left to AdamW (input layer, output heads)
+
+
+@dataclass
 class TrainerConfig:
     _target_: str = MISSING
     max_epochs: int = MISSING
@@ -234,6 +243,8 @@ class TrainerConfig:
     weight_decay: float = MISSING
     betas: List[float] = MISSING
     optimizer_impl: str = MISSING  # fused | foreach | for_loop: how AdamW runs its update (same maths)
+    optimizer: str = MISSING  # adamw | muon (Muon for weight matrices, AdamW for the rest)
+    muon: MuonConfig = MISSING  # used with optimizer=muon
     warmup_steps: int = MISSING
     min_lr_ratio: float = MISSING
     # this share of the first epochs trains at low_res_scale x model.image_size (from random init only; 0: off)

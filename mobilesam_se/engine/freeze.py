@@ -35,10 +35,9 @@ def unfreeze_parts(model: nn.Module, parts: Sequence[str], optimizer: torch.opti
             p.requires_grad_(True)
             if id(p) not in in_opt:
                 new.add(f"{part}.{name}")
-    base_lr = optimizer.defaults["lr"]
-    # The same decay rule as the optimizer's first groups (the model's `no_weight_decay`).
-    for g in param_groups(model, weight_decay, names=new, tag="unfrozen_"):
-        g["lr"] = base_lr
+    # The same decay (the model's `no_weight_decay`) and Muon rules as the optimizer's first groups.
+    for g in param_groups(model, weight_decay, names=new, tag="unfrozen_", muon=getattr(optimizer, "muon_rule", None)):
+        base_lr = g.setdefault("lr", optimizer.defaults["lr"])  # a Muon group brings its own
         g["initial_lr"] = base_lr
         optimizer.add_param_group(g)
         if scheduler is not None:

@@ -25,7 +25,7 @@ from mobilesam_se.data.sample import Batch, collate_samples
 from mobilesam_se.engine.checkpointing import RunCheckpoints
 from mobilesam_se.engine.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, cuda_index
 from mobilesam_se.engine.freeze import PARTS, estimate_batchnorm_stats, freeze_batchnorm_stats, freeze_parts, unfreeze_parts
-from mobilesam_se.engine.optim import build_optimizer, build_scheduler, uses_foreach
+from mobilesam_se.engine.optim import build_optimizer, build_scheduler, muon_rule, uses_foreach
 from mobilesam_se.engine.pictures import save_validation_pictures
 from mobilesam_se.engine.preemption import SignalCatcher, code_of, signal_of
 from mobilesam_se.engine.sampler import EpochSampler
@@ -88,6 +88,8 @@ class Trainer:
         weight_decay: float,
         betas: Sequence[float] = (0.9, 0.999),
         optimizer_impl: str = "for_loop",
+        optimizer: str = "adamw",
+        muon: Optional[Mapping[str, Any]] = None,
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.0,
         low_res_fraction: float = 0.0,
@@ -180,7 +182,8 @@ class Trainer:
         self._resumed_count = 0
 
         self.frozen_parts = freeze_parts(self.model, [p for p in PARTS if freeze.get(p, False)])
-        self.optimizer = build_optimizer(self.model, lr, weight_decay, betas, optimizer_impl)
+        self.optimizer = build_optimizer(self.model, lr, weight_decay, betas, optimizer_impl, optimizer,
+                                         muon_rule(muon) if optimizer == "muon" else None)
         self._foreach = uses_foreach(self.optimizer)
         self.sampler = EpochSampler(len(train_set), seed=seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.loader = DataLoader(
